@@ -13,7 +13,9 @@ Nothing here needs pandas: Python's csv module reads the raw file the way the ch
 import argparse
 import csv
 import functools
+import http.client
 import io
+import json
 import os
 import sys
 import tempfile
@@ -97,8 +99,14 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
             except DataError as e:  # the server answered, with the wrong thing: next URL
                 errors.append(f"{url}: {e}")
                 break
-            except (OSError, urllib.error.URLError, ValueError) as e:  # network trouble: retry
-                reason = getattr(e, "reason", None) or e
+            except urllib.error.HTTPError as e:
+                errors.append(f"{url}: HTTP {e.code} {e.reason}")
+                if 400 <= e.code < 500:  # no such file there: retrying will not help
+                    break
+                if attempt + 1 < retries:
+                    time.sleep(backoff * 2**attempt)
+            except (OSError, http.client.HTTPException, ValueError) as e:  # trouble on the way
+                reason = getattr(e, "reason", None) or repr(e)
                 errors.append(f"{url}: {reason}")
                 if attempt + 1 < retries:
                     time.sleep(backoff * 2**attempt)
@@ -146,9 +154,31 @@ def parse(text, source="the data"):
             raise DataError(f"{source} is not the SMS Spam Collection: row {len(rows) + 1} is "
                             f"{shown!r}, expected 'ham' or 'spam', a tab, then the text")
         rows.append((fields[0], fields[1]))
+    if _ends_inside_quotes(text):
+        raise DataError(f"{source} ends inside a quoted text: the '\"' that opens row "
+                        f"{len(rows)} never closes, so the file is cut short or damaged")
     if not rows:
         raise DataError(f"{source} holds no rows; expected 'ham|spam<TAB>text' lines")
     return rows
+
+
+def _ends_inside_quotes(text):
+    """True where a quoted field is still open at the end (the csv module then quietly keeps
+    the rest of the file as one text, while the chapter's pandas reader fails)."""
+    state = "start"  # of a field; "field", "quoted", or "closed" right after a closing quote
+    for ch in text:
+        if state == "quoted":
+            if ch == '"':
+                state = "closed"
+        elif state == "closed" and ch == '"':
+            state = "quoted"  # "" inside a quoted field is a literal quote
+        elif ch in "\t\r\n":
+            state = "start"
+        elif state == "start" and ch == '"':
+            state = "quoted"
+        else:
+            state = "field"
+    return state == "quoted"
 
 
 def fetch(cache=None, urls=URLS, **download_kw):
@@ -166,7 +196,7 @@ def fetch(cache=None, urls=URLS, **download_kw):
 
     download_file(urls, zip_path, check=check, **download_kw)
     text = read_raw_text(zip_path)
-    _write_atomic(raw, text.encode("utf-8"))
+    write_atomic(raw, text.encode("utf-8"))
     zip_path.unlink()
     return raw
 
@@ -205,7 +235,8 @@ def make_splits(rows, seed=SEED):
     return split(balance(rows, np.random.RandomState(seed)), np.random.RandomState(seed))
 
 
-def _write_atomic(path, data):
+def write_atomic(path, data):
+    """Write bytes to `path` through a temporary file, so it is either absent or complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
@@ -218,13 +249,18 @@ def _write_atomic(path, data):
             os.remove(tmp)
 
 
+def write_json(path, obj):
+    """`obj` as indented JSON, written atomically."""
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
 def write_csv(rows, path):
     """`Label,Text` with minimal quoting and \\n line ends: byte-identical to the chapter's CSVs."""
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["Label", "Text"])
     writer.writerows(rows)
-    _write_atomic(path, buf.getvalue().encode("utf-8"))
+    write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 def read_csv(path):

@@ -14,6 +14,7 @@ import math
 import os
 import struct
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -235,6 +236,14 @@ def merge_lora(model):
     return model
 
 
+def set_causal(model, causal):
+    """Switch the causal mask on or off in every block (off: experiment 17)."""
+    model.cfg = replace(model.cfg, causal=causal)
+    for block in model.trf_blocks:
+        block.att.causal = causal
+    return model
+
+
 def add_classification_head(model, num_classes=2):
     """Replace the vocabulary head by a `Linear(emb, num_classes)` with bias (draws torch's RNG)."""
     model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
@@ -351,6 +360,29 @@ def classify_logits(model, in_idx, position="last", average=False, pad_id=PAD_ID
     else:
         x = blocks(x)[torch.arange(len(x), device=x.device), pos]  # (B, E)
     return model.out_head(model.final_norm(x))
+
+
+class Classifier(nn.Module):
+    """A GPTModel with a class head, as a module whose forward gives class logits (B, C).
+
+    Holds the choices of `classify_logits` and, when `autocast_dtype` is set (bf16 or fp16),
+    runs under autocast on the input's device; the logits come back in float32 either way.
+    """
+
+    def __init__(self, gpt, position="last", average=False, pad_id=PAD_ID, tail=False,
+                 trunk=None, autocast_dtype=None):
+        super().__init__()
+        self.gpt = gpt
+        self.position, self.average, self.pad_id = position, average, pad_id
+        self.tail, self.trunk, self.autocast_dtype = tail, trunk, autocast_dtype
+
+    def forward(self, in_idx):
+        amp = (torch.autocast(in_idx.device.type, dtype=self.autocast_dtype)
+               if self.autocast_dtype is not None else nullcontext())
+        with amp:
+            logits = classify_logits(self.gpt, in_idx, self.position, self.average, self.pad_id,
+                                     self.tail, self.trunk)
+        return logits.float()
 
 
 # ----------------------------------------------------------------------------- weights
@@ -495,18 +527,15 @@ def download_weights(name, cache=None, **download_kw):
     return folder
 
 
-def load_gpt(weights="small", cache=None, plain=False, seed=123):
-    """A GPTModel from a preset name (downloaded), a Hugging Face-format folder, or `random`.
+def load_gpt(weights="small", cache=None, plain=False):
+    """A GPTModel from a preset name (downloaded), a Hugging Face-format folder, or random init.
 
-    `random` initialises a small-sized model after seeding torch with `seed`.
+    `random` is a small-sized model with PyTorch's default initialisation (`random-medium`,
+    `random-large`, `random-xl` for the other sizes); the caller seeds torch first.
     """
     name = ALIASES.get(str(weights).lower(), str(weights).lower())
-    if name == "random":
-        torch.manual_seed(seed)  # the random initial weights
-        return GPTModel(PRESETS["small"][0], plain=plain)
-    if name.startswith("random-") and name[7:] in PRESETS:
-        torch.manual_seed(seed)
-        return GPTModel(PRESETS[name[7:]][0], plain=plain)
+    if name == "random" or name.startswith("random-") and name[7:] in PRESETS:
+        return GPTModel(PRESETS[name[7:] or "small"][0], plain=plain)
     if name in PRESETS:
         folder = download_weights(name, cache)
     else:
@@ -556,6 +585,7 @@ def main(argv=None):
     if not args.prompt:
         sys.exit("error: --prompt is empty; give some text to continue")
     tokenizer = get_tokenizer()
+    torch.manual_seed(123)  # the initial weights, where they are random
     try:
         model = load_gpt(args.weights).eval()
     except WeightsError as e:

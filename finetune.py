@@ -1,0 +1,474 @@
+"""Fine-tune GPT-2 to classify SMS messages as spam or not spam: chapter 6's run, end to end.
+
+    python finetune.py                       # the chapter's run: GPT-2 small, 5 epochs
+    python finetune.py --device cuda --fast --precision bf16
+    python finetune.py --weights random --data SMSSpamCollection --max-steps 20   # offline
+
+It prints what the chapter prints (the same losses and accuracies, given the same weights), and
+leaves a run folder that `python evaluate.py --run DIR` uses: the fine-tuned weights with their
+settings (run.json, model.safetensors), metrics.json, log.txt and the loss and accuracy plots.
+"""
+
+import argparse
+import contextlib
+import io
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler
+
+import data
+import gpt
+from evaluate import calc_accuracy_loader, select_device
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    data: str = None
+    weights: str = "small"
+    device: str = "auto"
+    output_dir: str = None
+    overwrite: bool = False
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    eval_freq: int = 50
+    eval_iter: int = 5
+    seed: int = 123
+    max_steps: int = None
+    trainable_layers: str = "last_block"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    token_position: str = "last"
+    average_embeddings: bool = False
+    context_length: str = "longest"
+    no_padding: bool = False
+    accumulation_steps: int = 1
+    disable_causal_mask: bool = False
+    ignore_index: int = -100
+    fast: bool = False
+    precision: str = "fp32"
+    plain: bool = False
+    initial_eval: bool = True
+
+
+# ----------------------------------------------------------------------------- loss, evaluation
+
+def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100):
+    """Cross-entropy of the class logits against the labels, for one batch."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)  # (B, num_classes)
+    return F.cross_entropy(logits, target_batch, ignore_index=ignore_index)
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None, ignore_index=-100):
+    """Mean loss over the first `num_batches` batches (all by default); NaN for an empty loader."""
+    if len(data_loader) == 0:
+        return float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    total_loss = 0.0
+    # Starting the iteration draws the shuffling loader's order from torch's RNG, as the chapter's does.
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        total_loss += calc_loss_batch(input_batch, target_batch, model, device,
+                                      ignore_index).item()
+    return total_loss / num_batches
+
+
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_index=-100):
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, ignore_index)
+        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, ignore_index)
+    model.train()
+    return train_loss, val_loss
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(model, loaders, optimizer, cfg, device, scaler=None):
+    """The chapter's `train_classifier_simple`: returns the history as a dict.
+
+    Each step: zero grads, loss, backward, step. Every `eval_freq` steps the mean loss over the
+    first `eval_iter` batches of train and validation; after each epoch the accuracy over the first
+    `eval_iter` batches of each. With `accumulation_steps` K the gradients of K batches are summed
+    (each loss divided by K, so they average) before one optimizer step; a last, shorter group
+    is stepped too.
+    """
+    train_loader, val_loader = loaders["train"], loaders["validation"]
+    history = {"train_losses": [], "val_losses": [], "train_accs": [], "val_accs": [],
+               "examples_seen": 0, "steps": 0}
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    examples_seen, global_step, k = 0, -1, cfg.accumulation_steps
+    for epoch in range(cfg.epochs):
+        model.train()
+        for batch_idx, (input_batch, target_batch) in enumerate(train_loader):
+            if batch_idx % k == 0:
+                optimizer.zero_grad(set_to_none=True)
+            loss = calc_loss_batch(input_batch, target_batch, model, device, cfg.ignore_index)
+            # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
+            scaler.scale(loss / k if k > 1 else loss).backward()
+            if (batch_idx + 1) % k == 0 or batch_idx + 1 == len(train_loader):
+                scaler.step(optimizer)
+                scaler.update()
+            examples_seen += input_batch.shape[0]
+            global_step += 1
+
+            if global_step % cfg.eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device,
+                                                      cfg.eval_iter, cfg.ignore_index)
+                history["train_losses"].append(train_loss)
+                history["val_losses"].append(val_loss)
+                print(f"Ep {epoch+1} (Step {global_step:06d}): "
+                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}", flush=True)
+            if cfg.max_steps is not None and global_step + 1 >= cfg.max_steps:
+                break
+
+        train_accuracy = calc_accuracy_loader(train_loader, model, device, cfg.eval_iter)
+        val_accuracy = calc_accuracy_loader(val_loader, model, device, cfg.eval_iter)
+        print(f"Training accuracy: {train_accuracy*100:.2f}% | ", end="")
+        print(f"Validation accuracy: {val_accuracy*100:.2f}%", flush=True)
+        history["train_accs"].append(train_accuracy)
+        history["val_accs"].append(val_accuracy)
+        if cfg.max_steps is not None and global_step + 1 >= cfg.max_steps:
+            break
+    history["examples_seen"], history["steps"] = examples_seen, global_step + 1
+    return history
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def plot_values(epochs_seen, examples_seen, train_values, val_values, label, out_dir):
+    """The chapter's plot: values against epochs, with examples seen on a second x axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend()
+    ax2 = ax1.twiny()  # a second x axis on the same y axis
+    ax2.plot(examples_seen, train_values, alpha=0)  # invisible: only aligns the ticks
+    ax2.set_xlabel("Examples seen")
+    fig.tight_layout()
+    for ext in ("pdf", "png"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext)
+        data.write_atomic(Path(out_dir) / f"{label}-plot.{ext}", buf.getvalue())
+    plt.close(fig)
+
+
+def plot_history(history, epochs, out_dir):
+    for label, train_key, val_key in (("loss", "train_losses", "val_losses"),
+                                      ("accuracy", "train_accs", "val_accs")):
+        n = len(history[train_key])
+        if n == 0:
+            continue
+        epochs_seen = torch.linspace(0, epochs, n)
+        examples_seen = torch.linspace(0, history["examples_seen"], n)
+        plot_values(epochs_seen, examples_seen, history[train_key], history[val_key], label,
+                    out_dir)
+
+
+class Tee:
+    """Writes to the terminal and to the run's log file at once."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def save_model(model, path):
+    """The uncompiled GPTModel's weights as safetensors, written atomically."""
+    from safetensors.torch import save
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    data.write_atomic(path, save(state))
+
+
+def dropped_examples(loader):
+    """Indices of the examples that the next pass over `loader` leaves out (drop_last).
+
+    Replays the pass's draws on a copy of torch's RNG (a DataLoader over the indices draws
+    exactly as one over the data does), so the RNG itself is left as it was.
+    """
+    n = len(loader.dataset)
+    with torch.random.fork_rng(devices=[]):
+        replay = DataLoader(range(n), batch_size=loader.batch_size,
+                            shuffle=isinstance(loader.sampler, RandomSampler),
+                            drop_last=loader.drop_last)
+        seen = {int(i) for batch in replay for i in batch}
+    return sorted(set(range(n)) - seen)
+
+
+def prepare_output_dir(cfg):
+    """The run folder: new, unfinished, or finished and --overwrite given. Raises ValueError."""
+    if cfg.output_dir is None:
+        out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        while out.exists():  # two runs started within the same second
+            out = out.with_name(out.name + "-1")
+    else:
+        out = Path(cfg.output_dir)
+    if (out / "run.json").exists() and not cfg.overwrite:
+        raise ValueError(f"{out} holds a finished run; pass --overwrite to replace it, or "
+                         "choose another --output-dir")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").unlink(missing_ok=True)  # unfinished until the new run.json is written
+    return out
+
+
+# ----------------------------------------------------------------------------- set-up and CLI
+
+def check_config(cfg):
+    """Refuse settings that cannot work, with a message that says what to do."""
+    positive = ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulation_steps",
+                "lora_rank")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be 1 or more")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError("--max-steps must be 1 or more")
+    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
+        raise ValueError("--lr must be a positive number")
+    if cfg.weight_decay < 0:
+        raise ValueError("--weight-decay must be 0 or more")
+    if cfg.context_length not in ("longest", "model") and not cfg.context_length.isdigit():
+        raise ValueError("--context-length must be longest, model or a number of tokens")
+    if cfg.context_length.isdigit() and int(cfg.context_length) < 1:
+        raise ValueError("--context-length must be at least 1 token")
+    if cfg.no_padding and cfg.batch_size != 1:
+        raise ValueError("--no-padding needs --batch-size 1 (texts of different lengths cannot "
+                         "share a batch); use --accumulation-steps K to average over K texts")
+    if cfg.average_embeddings and cfg.token_position != "last":
+        raise ValueError("--average-embeddings pools every position; drop --token-position")
+
+
+def build_classifier(model, cfg, device):
+    """Wrap the set-up model with the run's choices; --fast adds the exact shortcuts."""
+    trunk, note = None, None
+    if cfg.fast and not cfg.average_embeddings:
+        try:
+            trunk = gpt.TrunkCache(model)
+        except ValueError as e:
+            note = f"frozen-trunk cache off: {e}"
+    classifier = gpt.Classifier(model, position=cfg.token_position,
+                                average=cfg.average_embeddings, tail=cfg.fast, trunk=trunk,
+                                autocast_dtype=PRECISIONS[cfg.precision])
+    return classifier, note
+
+
+def run(cfg):
+    """The whole chapter-6 procedure; returns the run folder. Raises ValueError,
+    data.DataError or gpt.WeightsError for bad input."""
+    check_config(cfg)
+    device = select_device(cfg.device)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
+    out = prepare_output_dir(cfg)
+    start = time.time()
+    with open(out / "log.txt", "w", encoding="utf-8") as log, \
+            contextlib.redirect_stdout(Tee(sys.stdout, log)):
+        print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision}"
+              f"{', fast' if cfg.fast else ''})")
+
+        # 1. Data: the balanced split, tokenized; max_length from the training set.
+        splits = data.make_splits(data.load_rows(cfg.data))
+        tokenizer = data.get_tokenizer()
+
+        # 2. The model (random weights are drawn right after seeding).
+        torch.manual_seed(cfg.seed)  # the initial weights, where they are random
+        model = gpt.load_gpt(cfg.weights, plain=cfg.plain)
+        if cfg.disable_causal_mask:
+            gpt.set_causal(model, False)
+        context = model.cfg.context_length
+        max_length = {"longest": None, "model": context}.get(cfg.context_length)
+        if cfg.context_length.isdigit():
+            max_length = int(cfg.context_length)
+        if cfg.no_padding:
+            max_length = context  # texts keep their own lengths, cut to what the model takes
+        train_ds = data.SpamDataset(splits["train"], tokenizer, max_length, pad=not cfg.no_padding)
+        if train_ds.max_length > context:
+            raise ValueError(f"the longest training text has {train_ds.max_length} tokens but "
+                             f"the model takes {context}; pass --context-length {context}")
+        datasets = {"train": train_ds}
+        for name in ("validation", "test"):
+            datasets[name] = data.SpamDataset(splits[name], tokenizer, train_ds.max_length,
+                                              pad=not cfg.no_padding)
+
+        # 3. Loaders, built right after seeding (the chapter's order; they draw when iterated).
+        torch.manual_seed(cfg.seed)
+        loaders = data.create_loaders(datasets, batch_size=cfg.batch_size)
+        print(f"{len(train_ds)} training, {len(datasets['validation'])} validation, "
+              f"{len(datasets['test'])} test examples; max_length {train_ds.max_length}; "
+              f"batches {len(loaders['train'])} / {len(loaders['validation'])} / "
+              f"{len(loaders['test'])}")
+
+        # 4. Classification set-up: freeze, new head (drawn right after seeding), unfreeze.
+        torch.manual_seed(cfg.seed)
+        gpt.setup_classifier(model, len(data.CLASS_NAMES), cfg.trainable_layers,
+                             cfg.lora_rank, cfg.lora_alpha)
+        model.to(device)
+        classifier, note = build_classifier(model, cfg, device)
+        if note:
+            print(note)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"Trainable parameters: {n_train:,} of {sum(p.numel() for p in model.parameters()):,}")
+
+        if cfg.initial_eval:  # the chapter's look before training; the run reseeds below
+            torch.manual_seed(cfg.seed)
+            accs = [calc_accuracy_loader(loaders[s], classifier, device, num_batches=10)
+                    for s in data.SPLITS]
+            with torch.no_grad():
+                losses = [calc_loss_loader(loaders[s], classifier, device, 5, cfg.ignore_index)
+                          for s in data.SPLITS]
+            print("Before fine-tuning (accuracy over 10 batches, loss over 5):")
+            for split_name, acc in zip(("Training", "Validation", "Test"), accs):
+                print(f"{split_name} accuracy: {acc*100:.2f}%")
+            for split_name, loss in zip(("Training", "Validation", "Test"), losses):
+                print(f"{split_name} loss: {loss:.3f}")
+
+        # 5. Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
+        start_time = time.time()
+        torch.manual_seed(cfg.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay,
+                                      fused=cfg.fast and device.type == "cuda" or None)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        history = train(classifier, loaders, optimizer, cfg, device, scaler)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_minutes = (time.time() - start_time) / 60
+        print(f"Training completed in {train_minutes:.2f} minutes.")
+
+        # 6. Accuracy over the whole of each split, through the chapter's loaders: the training
+        # loader shuffles and drops its last partial batch, so this pass leaves out a few
+        # examples (5 of 1,045); run.json names them so that evaluate.py leaves out the same.
+        dropped = dropped_examples(loaders["train"])
+        final = {s: calc_accuracy_loader(loaders[s], classifier, device) for s in data.SPLITS}
+        for split_name, s in zip(("Training", "Validation", "Test"), data.SPLITS):
+            print(f"{split_name} accuracy: {final[s]*100:.2f}%")
+
+        plot_history(history, cfg.epochs, out)
+        if cfg.trainable_layers == "lora":
+            gpt.merge_lora(model)  # the saved weights are a plain GPT-2 with a class head
+        save_model(model, out / "model.safetensors")
+        data.write_json(out / "metrics.json", {
+            "history": history, "final_accuracy": final, "train_minutes": train_minutes,
+            "total_minutes": (time.time() - start) / 60, "device": str(device),
+            "device_name": device_name(device), "torch": torch.__version__})
+        # run.json last: its presence marks the run as finished.
+        data.write_json(out / "run.json", {
+            "model": asdict(model.cfg), "num_classes": len(data.CLASS_NAMES),
+            "class_names": list(data.CLASS_NAMES), "max_length": train_ds.max_length,
+            "pad_id": data.PAD_ID, "padding": not cfg.no_padding,
+            "token_position": cfg.token_position, "average_embeddings": cfg.average_embeddings,
+            "precision": cfg.precision, "batch_size": cfg.batch_size,
+            "final_train_dropped": dropped, "flags": asdict(cfg)})
+        print(f"Saved the fine-tuned model to {out}")
+    return out
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import platform
+        return platform.processor() or platform.machine()
+    return device.type
+
+
+def parse_args(argv=None):
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description="Fine-tune GPT-2 as a spam classifier, exactly as "
+                                "chapter 6 does (SPEC §4-§6), or faster with --fast.")
+    a = p.add_argument
+    a("--data", metavar="PATH", help="the raw SMSSpamCollection file or its zip; no network is "
+      "used (default: download once from UCI into the cache)")
+    a("--weights", default=d.weights, metavar="NAME|DIR|random",
+      help="small, medium, large or xl (OpenAI's GPT-2, downloaded once into the cache), a "
+      "folder with config.json and model.safetensors, or random (default: small)")
+    a("--device", default=d.device, choices=("auto", "cpu", "cuda", "mps"),
+      help="auto picks cuda, then mps (torch >= 2.9 only), then cpu (default: auto)")
+    a("--output-dir", metavar="DIR", help="the run folder (default: a new runs/<timestamp>)")
+    a("--overwrite", action="store_true", help="replace a finished run in --output-dir")
+    a("--epochs", type=int, default=d.epochs, help="passes over the training set (default: 5)")
+    a("--batch-size", type=int, default=d.batch_size, help="examples per batch (default: 8)")
+    a("--lr", type=float, default=d.lr, help="AdamW learning rate (default: 5e-5)")
+    a("--weight-decay", type=float, default=d.weight_decay,
+      help="AdamW weight decay (default: 0.1)")
+    a("--eval-freq", type=int, default=d.eval_freq,
+      help="print train and validation loss every this many steps (default: 50)")
+    a("--eval-iter", type=int, default=d.eval_iter, help="batches used for those losses and for "
+      "the accuracies printed after each epoch (default: 5)")
+    a("--seed", type=int, default=d.seed, help="torch seed, set before each step of the "
+      "procedure that draws random numbers (default: 123)")
+    a("--max-steps", type=int, help="stop after this many training steps: a quick smoke run")
+    a("--trainable-layers", default=d.trainable_layers, choices=gpt.TRAINABLE,
+      help="what is trained: the head only (last_layer), also the last block and final norm "
+      "(last_block, the chapter's), the last two blocks, all, or LoRA adapters (default: "
+      "last_block)")
+    a("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank (default: 16)")
+    a("--lora-alpha", type=float, default=d.lora_alpha,
+      help="LoRA alpha; the update is scaled by alpha / rank (default: 16)")
+    a("--token-position", default=d.token_position, choices=("last", "first", "flexible"),
+      help="the position classified: last (the chapter's), first, or flexible = the last "
+      "non-padding token of each text (default: last)")
+    a("--average-embeddings", action="store_true",
+      help="classify the mean of every position's output instead of one position")
+    a("--context-length", default=d.context_length, metavar="longest|model|N",
+      help="pad (and cut) texts to the longest training text, to the model's context, or to "
+      "N tokens (default: longest, 120 tokens)")
+    a("--no-padding", action="store_true",
+      help="keep each text its own length (needs --batch-size 1)")
+    a("--accumulation-steps", type=int, default=d.accumulation_steps,
+      help="sum the gradients of this many batches per optimizer step (default: 1)")
+    a("--disable-causal-mask", action="store_true",
+      help="let every position attend to every other, later ones included")
+    a("--ignore-index", type=int, default=d.ignore_index,
+      help="label id the loss ignores (default: -100, none; the chapter's experiment uses 50256)")
+    a("--fast", action="store_true", help="exact shortcuts: cache the frozen blocks' outputs "
+      "and run the last block only at the classified position (same numbers, much faster)")
+    a("--precision", default=d.precision, choices=tuple(PRECISIONS),
+      help="fp32 (default, the chapter's), bf16 autocast (CPU and GPU) or fp16 autocast with "
+      "gradient scaling (CUDA)")
+    a("--plain", action="store_true", help="the chapter's explicit formulas (attention scores, "
+      "layer norm, GELU) instead of fused kernels: the benchmarks' baseline")
+    a("--no-initial-eval", dest="initial_eval", action="store_false",
+      help="skip the accuracies and losses printed before training")
+    args = p.parse_args(argv)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except (ValueError, data.DataError, gpt.WeightsError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the run folder is left unfinished (no run.json)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Shared fixtures: the real raw data file, a tiny Hugging Face GPT-2, and a local HTTP server.
+
+Everything here is offline and quick: the HTTP server listens on 127.0.0.1 only, and the
+Hugging Face model has 2 layers of width 32.
+"""
+
+import http.server
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+RAW_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "SMSSpamCollection"
+
+
+@pytest.fixture(scope="session")
+def raw_path():
+    """The real SMS Spam Collection (a copy kept beside the repository, never committed)."""
+    if not RAW_PATH.is_file():
+        pytest.skip("the real SMS Spam Collection is not at ../shared/data/SMSSpamCollection; "
+                    "these checks need it")
+    return RAW_PATH
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The models here are tiny: thread start-up and hand-over cost more than the arithmetic,
+    and on a busy machine several intra-op threads make a 10 ms test take half a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    """Tests seed torch and may change the default dtype; leave both as they were."""
+    dtype, rng = torch.get_default_dtype(), torch.get_rng_state()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_rng_state(rng)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """(folder, model): a tiny randomly initialised GPT2LMHeadModel saved in Hugging Face format.
+
+    Every parameter gets random noise on top of the library's initialisation, so the layer-norm
+    scales and shifts and all biases differ from 1 and 0 and a mix-up among them shows in the
+    logits. The model is in eval mode; the folder holds config.json and model.safetensors.
+    """
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(20240601)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     vocab_size=100, bos_token_id=99, eos_token_id=99)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    model.save_pretrained(folder)
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    return folder, model.eval()
+
+
+# ----------------------------------------------------------------------------- HTTP server
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (the name http.server calls)
+        srv = self.server
+        srv.requests.append(self.path)
+        status, body, length, chunked_cut = srv.routes.get(self.path, (404, b"not found",
+                                                                       None, False))
+        self.send_response(status)
+        self.send_header("Connection", "close")
+        if chunked_cut:  # one chunk, then the connection drops before the final empty chunk
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+            self.end_headers()
+            self.wfile.write(body)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+class LocalServer:
+    """A threaded HTTP server on 127.0.0.1 serving whatever each test puts in it.
+
+    `serve(path, body, status=200, length=None, chunked_cut=False)`: answer GET `path` with
+    `body`; `length` is the Content-Length to claim (a lie when it is not len(body): the server
+    then closes the connection early, a truncated transfer); `chunked_cut` sends the body as one
+    chunk of a chunked response and drops the connection before the end. Unknown paths get 404.
+    `requests` lists the paths asked for, in order.
+    """
+
+    def __init__(self):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.routes, self.httpd.requests = {}, []
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def requests(self):
+        return self.httpd.requests
+
+    def serve(self, path, body, status=200, length=None, chunked_cut=False):
+        self.httpd.routes[path] = (status, body, length, chunked_cut)
+        return self.url(path)
+
+    def url(self, path):
+        return self.base + path
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def http_server():
+    server = LocalServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def closed_url():
+    """A URL on a local port nobody listens on: every request is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/SMSSpamCollection.zip"

@@ -1,0 +1,393 @@
+"""End to end: finetune.py and evaluate.py on the real data with a tiny GPT-2 checkpoint.
+
+The chapter's own training code is reproduced below (`chapter_*`), and our printed log must equal
+what it prints, line for line, from the same initial weights.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+
+import data
+import evaluate
+import finetune
+import gpt
+
+pytestmark = pytest.mark.slow
+
+EP_LINE = re.compile(r"^Ep (\d+) \(Step (\d{6})\): Train loss (\d+\.\d{3}), Val loss (\d+\.\d{3})$")
+ACC_LINE = re.compile(r"^Training accuracy: (\d+\.\d\d)% \| Validation accuracy: (\d+\.\d\d)%$")
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A tiny Hugging Face GPT-2 checkpoint with GPT-2's real vocabulary size."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                     vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def real_data(raw_path):
+    return str(raw_path)
+
+
+def run_finetune(capsys, *args):
+    finetune.main(list(map(str, args)))
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_weights, real_data):
+    """One default run (5 epochs), shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        import io
+        import sys
+        buf = io.StringIO()
+        mp.setattr(sys, "stdout", buf)
+        finetune.main(["--weights", str(tiny_weights), "--data", real_data,
+                       "--output-dir", str(out), "--device", "cpu"])
+    return out, buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- the chapter's code
+
+def chapter_calc_accuracy_loader(data_loader, model, device, num_batches=None):
+    model.eval()
+    correct_predictions, num_examples = 0, 0
+    if num_batches is None:
+        num_batches = len(data_loader)
+    else:
+        num_batches = min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i < num_batches:
+            input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+            with torch.no_grad():
+                logits = model(input_batch)[:, -1, :]
+            predicted_labels = torch.argmax(logits, dim=-1)
+            num_examples += predicted_labels.shape[0]
+            correct_predictions += (predicted_labels == target_batch).sum().item()
+        else:
+            break
+    return correct_predictions / num_examples
+
+
+def chapter_calc_loss_batch(input_batch, target_batch, model, device):
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)[:, -1, :]
+    return torch.nn.functional.cross_entropy(logits, target_batch)
+
+
+def chapter_calc_loss_loader(data_loader, model, device, num_batches=None):
+    total_loss = 0.
+    if len(data_loader) == 0:
+        return float("nan")
+    elif num_batches is None:
+        num_batches = len(data_loader)
+    else:
+        num_batches = min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i < num_batches:
+            loss = chapter_calc_loss_batch(input_batch, target_batch, model, device)
+            total_loss += loss.item()
+        else:
+            break
+    return total_loss / num_batches
+
+
+def chapter_evaluate_model(model, train_loader, val_loader, device, eval_iter):
+    model.eval()
+    with torch.no_grad():
+        train_loss = chapter_calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = chapter_calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def chapter_train_classifier_simple(model, train_loader, val_loader, optimizer, device,
+                                    num_epochs, eval_freq, eval_iter):
+    lines = []
+    examples_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = chapter_calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            examples_seen += input_batch.shape[0]
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = chapter_evaluate_model(
+                    model, train_loader, val_loader, device, eval_iter)
+                lines.append(f"Ep {epoch+1} (Step {global_step:06d}): "
+                             f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        train_accuracy = chapter_calc_accuracy_loader(train_loader, model, device,
+                                                      num_batches=eval_iter)
+        val_accuracy = chapter_calc_accuracy_loader(val_loader, model, device,
+                                                    num_batches=eval_iter)
+        lines.append(f"Training accuracy: {train_accuracy*100:.2f}% | "
+                     f"Validation accuracy: {val_accuracy*100:.2f}%")
+    return lines
+
+
+def chapter_run(weights_dir, raw_path, num_epochs):
+    """The chapter's procedure, step for step, returning its printed training log."""
+    splits = data.make_splits(data.load_rows(raw_path))
+    tokenizer = data.get_tokenizer()
+    train_ds = data.SpamDataset(splits["train"], tokenizer)
+    val_ds = data.SpamDataset(splits["validation"], tokenizer, train_ds.max_length)
+    torch.manual_seed(123)
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=8, shuffle=True,
+                                               num_workers=0, drop_last=True)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=8, shuffle=False,
+                                             num_workers=0, drop_last=False)
+    model = gpt.load_gpt(weights_dir, plain=True)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad = False
+    torch.manual_seed(123)
+    model.out_head = torch.nn.Linear(in_features=model.cfg.emb_dim, out_features=2)
+    for param in model.trf_blocks[-1].parameters():
+        param.requires_grad = True
+    for param in model.final_norm.parameters():
+        param.requires_grad = True
+    device = torch.device("cpu")
+    model.to(device)
+    torch.manual_seed(123)
+    chapter_calc_accuracy_loader(train_loader, model, device, num_batches=10)
+    torch.manual_seed(123)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+    return chapter_train_classifier_simple(model, train_loader, val_loader, optimizer, device,
+                                           num_epochs=num_epochs, eval_freq=50, eval_iter=5)
+
+
+def training_lines(out):
+    return [line for line in out.splitlines() if EP_LINE.match(line) or ACC_LINE.match(line)]
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_log_equals_the_chapters_code(finished_run, tiny_weights, real_data):
+    _, out = finished_run
+    assert training_lines(out) == chapter_run(tiny_weights, real_data, num_epochs=5)
+
+
+def test_log_lines_and_their_order(finished_run):
+    _, out = finished_run
+    lines = out.splitlines()
+    steps = [int(m.group(2)) for m in map(EP_LINE.match, lines) if m]
+    assert steps == list(range(0, 650, 50))  # 130 steps an epoch, 5 epochs, every 50th
+    assert sum(bool(ACC_LINE.match(line)) for line in lines) == 5
+    i = next(i for i, line in enumerate(lines) if line.startswith("Training completed in"))
+    assert re.fullmatch(r"Training completed in \d+\.\d\d minutes\.", lines[i])
+    assert ACC_LINE.match(lines[i - 1])  # the last epoch's accuracies come right before
+    assert re.fullmatch(r"Training accuracy: \d+\.\d\d%", lines[i + 1])
+    assert re.fullmatch(r"Validation accuracy: \d+\.\d\d%", lines[i + 2])
+    assert re.fullmatch(r"Test accuracy: \d+\.\d\d%", lines[i + 3])
+    # the chapter's look before training: 3 accuracies then 3 losses
+    before = lines.index("Before fine-tuning (accuracy over 10 batches, loss over 5):")
+    assert [line.split(":")[0] for line in lines[before + 1:before + 7]] == [
+        "Training accuracy", "Validation accuracy", "Test accuracy",
+        "Training loss", "Validation loss", "Test loss"]
+    assert before < lines.index(next(line for line in lines if EP_LINE.match(line)))
+
+
+def test_run_folder_holds_everything(finished_run):
+    run_dir, out = finished_run
+    for name in ("model.safetensors", "run.json", "metrics.json", "log.txt", "loss-plot.pdf",
+                 "loss-plot.png", "accuracy-plot.pdf", "accuracy-plot.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert not list(run_dir.glob("*.part"))
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["max_length"] == 120 and info["pad_id"] == 50256
+    assert info["class_names"] == ["not spam", "spam"]
+    assert info["model"]["emb_dim"] == 32 and info["flags"]["epochs"] == 5
+    assert len(info["final_train_dropped"]) == 5  # 1,045 examples, batches of 8, drop_last
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["history"]["train_losses"]) == 13
+    assert len(metrics["history"]["val_accs"]) == 5
+    assert metrics["history"]["examples_seen"] == 5 * 130 * 8
+    assert (run_dir / "log.txt").read_text() == out  # the log is what was printed
+    assert (run_dir / "loss-plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "loss-plot.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_reload_gives_identical_accuracies(finished_run, real_data):
+    run_dir, out = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    classifier, info = evaluate.load_run(run_dir, torch.device("cpu"))
+    results = evaluate.evaluate_splits(classifier, info, torch.device("cpu"), real_data)
+    assert {name: r[0] for name, r in results.items()} == metrics["final_accuracy"]
+
+
+def test_evaluate_prints_the_same_accuracies(finished_run, real_data, capsys):
+    run_dir, out = finished_run
+    evaluate.main(["--run", str(run_dir), "--data", real_data, "--all-splits"])
+    printed = capsys.readouterr().out.splitlines()
+    final = out.splitlines()
+    i = next(i for i, line in enumerate(final) if line.startswith("Training completed in"))
+    assert printed[:3] == final[i + 1:i + 4]
+    assert any(line.startswith("test ") for line in printed)
+    assert any("[[" in line for line in printed)  # confusion matrices
+
+
+def test_evaluate_classifies_new_text(finished_run, capsys, monkeypatch):
+    run_dir, _ = finished_run
+    texts = ["You are a winner you have been specially selected to receive $1000 cash.",
+             "Hey, just wanted to check if we're still on for dinner tonight?"]
+    evaluate.main(["--run", str(run_dir), "--text", texts[0], "--text", texts[1]])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    for line, text in zip(lines, texts):
+        label, prob, shown = re.fullmatch(r"(spam|not spam)\s+(\d\.\d{4})  (.*)", line).groups()
+        assert shown == text and 0.5 <= float(prob) <= 1.0
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO(texts[0] + "\n\n" + texts[1] + "\n"))
+    evaluate.main(["--run", str(run_dir), "--stdin"])
+    assert capsys.readouterr().out.splitlines() == lines  # blank lines skipped, same answers
+
+
+def test_classify_matches_the_batched_forward(finished_run):
+    run_dir, _ = finished_run
+    classifier, info = evaluate.load_run(run_dir, torch.device("cpu"))
+    tokenizer = data.get_tokenizer()
+    text = "Do you have time"
+    label, prob = evaluate.classify(text, classifier, tokenizer, info, torch.device("cpu"))
+    ids = torch.tensor([data.encode(text, tokenizer, 120)])
+    with torch.no_grad():
+        logits = classifier.gpt(ids)[:, -1, :]
+    assert label == info["class_names"][int(logits.argmax())]
+    assert prob == pytest.approx(float(torch.softmax(logits, -1).max()), abs=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", ""], "empty"),
+    (["--text", "   "], "empty"),
+])
+def test_evaluate_refuses_empty_text(finished_run, args, message):
+    run_dir, _ = finished_run
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", str(run_dir), *args])
+    assert str(e.value).startswith("error:") and message in str(e.value)
+
+
+def test_evaluate_refuses_bad_runs(tmp_path, finished_run):
+    with pytest.raises(SystemExit, match="^error: .*not a folder"):
+        evaluate.main(["--run", str(tmp_path / "nope"), "--text", "hi"])
+    with pytest.raises(SystemExit, match="^error: .*not a finished run"):
+        evaluate.main(["--run", str(tmp_path), "--text", "hi"])
+    run_dir, _ = finished_run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    info = json.loads((run_dir / "run.json").read_text())
+    info["model"]["emb_dim"] = 64  # weights no longer fit the config
+    (broken / "run.json").write_text(json.dumps(info))
+    (broken / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
+    with pytest.raises(SystemExit, match="^error: .*do not fit"):
+        evaluate.main(["--run", str(broken), "--text", "hi"])
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="^error: .*cannot be read"):
+        evaluate.main(["--run", str(broken), "--text", "hi"])
+
+
+def test_a_finished_run_is_not_overwritten(finished_run, tiny_weights, real_data):
+    run_dir, _ = finished_run
+    before = (run_dir / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="^error: .*finished run.*--overwrite"):
+        finetune.main(["--weights", str(tiny_weights), "--data", real_data,
+                       "--output-dir", str(run_dir), "--max-steps", "1"])
+    assert (run_dir / "model.safetensors").read_bytes() == before
+    assert (run_dir / "run.json").exists()
+
+
+def test_two_runs_give_identical_logs(tmp_path, tiny_weights, real_data, capsys):
+    def log(name, *extra):
+        run_finetune(capsys, "--weights", tiny_weights, "--data", real_data, "--output-dir",
+                     tmp_path / name, "--epochs", 1, "--eval-freq", 20, *extra)
+        text = (tmp_path / name / "log.txt").read_text()
+        return [line for line in text.splitlines()
+                if not line.startswith(("Training completed", "Run folder", "Saved"))]
+    first = log("a")
+    assert first == log("b")
+    # --overwrite replaces a finished run, with the same result
+    assert first == log("a", "--overwrite")
+
+
+def test_dropped_examples_are_the_ones_the_pass_leaves_out(real_data):
+    splits = data.make_splits(data.load_rows(real_data))
+    ds = data.SpamDataset(splits["train"], data.get_tokenizer())
+
+    class Numbered(torch.utils.data.Dataset):  # items carry their index, to see which come
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return i, ds[i][1]
+
+    torch.manual_seed(7)
+    loader = data.create_loaders({"train": Numbered()})["train"]
+    dropped = finetune.dropped_examples(loader)
+    seen = {int(i) for batch, _ in loader for i in batch}
+    assert dropped == sorted(set(range(len(ds))) - seen) and len(dropped) == 5
+
+
+def test_fast_mode_prints_the_same_log(tmp_path, tiny_weights, real_data, capsys):
+    def numbers(*extra):
+        out = run_finetune(capsys, "--weights", tiny_weights, "--data", real_data,
+                           "--output-dir", tmp_path / "-".join(extra or ["exact"]),
+                           "--epochs", 2, "--eval-freq", 25, *extra)
+        return [tuple(map(float, m.groups()[-2:]))
+                for m in map(lambda line: EP_LINE.match(line) or ACC_LINE.match(line),
+                             out.splitlines()) if m]
+    exact, fast = numbers(), numbers("--fast")
+    assert len(exact) == len(fast) == 13
+    for a, b in zip(exact, fast):
+        assert a == pytest.approx(b, abs=0.01 + 1e-9) or a[0] > 1.5  # losses; accuracy is %
+    plain = numbers("--plain")
+    for a, b in zip(exact, plain):
+        assert a == pytest.approx(b, abs=0.01 + 1e-9) or a[0] > 1.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be 1 or more"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--context-length", "abc"], "--context-length must be"),
+    (["--no-padding"], "--no-padding needs --batch-size 1"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
+    (["--weights", "/no/such/folder"], "not a preset"),
+    (["--data", "/no/such/file"], "does not exist"),
+    (["--context-length", "2000"], "the model takes 128"),
+])
+def test_bad_flags_give_one_clear_line(tmp_path, tiny_weights, real_data, args, message):
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    base = ["--weights", str(tiny_weights), "--data", real_data,
+            "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--no-initial-eval"]
+    with pytest.raises(SystemExit) as e:
+        finetune.main(base + args)
+    assert str(e.value).startswith("error:") and message in str(e.value), str(e.value)
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_weights_that_cannot_be_downloaded_say_what_to_do(tmp_path, real_data, monkeypatch,
+                                                          capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(gpt, "HF_URL", "http://127.0.0.1:9/{repo}/{file}")  # closed port
+
+    original = data.download_file
+
+    def no_retry_download(urls, dest, **kw):
+        return original(urls, dest, **{**kw, "retries": 1, "timeout": 2})
+    monkeypatch.setattr(data, "download_file", no_retry_download)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--data", real_data, "--output-dir", str(tmp_path / "run")])
+    assert "--weights DIR" in str(e.value) and "--weights random" in str(e.value)
