@@ -56,13 +56,24 @@ def cache_dir():
 
 # ----------------------------------------------------------------------------- download
 
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass
+
+
 def _progress(total, desc):
+    """A byte-count progress bar on stderr, shown only in a terminal (tqdm is optional)."""
     try:
         from tqdm import tqdm
-    except ImportError:  # tqdm is optional: no bar, same download
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False,
-                disable=None)  # disable=None hides the bar when stderr is not a terminal
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, disable=None)
 
 
 def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.0):
@@ -70,7 +81,8 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
 
     Bytes go to a temporary file beside `dest` that is renamed only once it is complete and
     `check(tmp_path)` (which raises DataError for bad content) accepts it, so an interrupted or
-    failed download never leaves a file that looks finished. Each URL gets `retries` tries.
+    failed download never leaves a file that looks finished. Each URL gets `retries` tries for
+    network trouble; a wrong answer (HTTP 4xx, bad content) moves straight to the next URL.
     Raises DataError naming every URL tried and why it failed.
     """
     dest = Path(dest)
@@ -82,32 +94,28 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
             try:
                 with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
                     total = int(r.headers.get("Content-Length") or 0) or None
-                    bar, got = _progress(total, dest.name), 0
-                    while chunk := r.read(1 << 16):
-                        out.write(chunk)
-                        got += len(chunk)
-                        if bar is not None:
+                    got = 0
+                    with _progress(total, dest.name) as bar:
+                        while chunk := r.read(1 << 16):
+                            out.write(chunk)
+                            got += len(chunk)
                             bar.update(len(chunk))
-                    if bar is not None:
-                        bar.close()
-                if total is not None and got != total:
-                    raise DataError(f"got {got} of {total} bytes")
+                if total is not None and got != total:  # cut off on the way: worth a retry
+                    raise ConnectionError(f"connection closed after {got} of {total} bytes")
                 if check is not None:
                     check(tmp)
                 os.replace(tmp, dest)
                 return dest
-            except DataError as e:  # the server answered, with the wrong thing: next URL
+            except DataError as e:  # the server answered, with the wrong thing
                 errors.append(f"{url}: {e}")
                 break
-            except urllib.error.HTTPError as e:
-                errors.append(f"{url}: HTTP {e.code} {e.reason}")
-                if 400 <= e.code < 500:  # no such file there: retrying will not help
-                    break
-                if attempt + 1 < retries:
-                    time.sleep(backoff * 2**attempt)
-            except (OSError, http.client.HTTPException, ValueError) as e:  # trouble on the way
-                reason = getattr(e, "reason", None) or repr(e)
-                errors.append(f"{url}: {reason}")
+            except (OSError, http.client.HTTPException, ValueError) as e:  # HTTPError included
+                if isinstance(e, urllib.error.HTTPError):
+                    errors.append(f"{url}: HTTP {e.code} {e.reason}")
+                    if 400 <= e.code < 500:  # no such file there: asking again will not help
+                        break
+                else:
+                    errors.append(f"{url}: {getattr(e, 'reason', None) or repr(e)}")
                 if attempt + 1 < retries:
                     time.sleep(backoff * 2**attempt)
             finally:
@@ -328,14 +336,16 @@ class SpamDataset(Dataset):
         return torch.tensor(self.encoded[i]), torch.tensor(self.labels[i])
 
 
-def create_loaders(datasets, batch_size=8, num_workers=0):
+def create_loaders(datasets, batch_size=8, num_workers=0, pin_memory=False):
     """The chapter's loaders: train shuffles and drops its last partial batch; the others don't.
 
     The caller seeds torch first. A shuffling loader draws its order from torch's global RNG
-    every time an iteration over it starts, evaluation passes included.
+    every time an iteration over it starts, evaluation passes included. `pin_memory` (for CUDA)
+    lets batches be copied to the GPU while it computes.
     """
     return {name: DataLoader(ds, batch_size=batch_size, shuffle=(name == "train"),
-                             drop_last=(name == "train"), num_workers=num_workers)
+                             drop_last=(name == "train"), num_workers=num_workers,
+                             pin_memory=pin_memory)
             for name, ds in datasets.items()}
 
 

@@ -64,7 +64,8 @@ class TrainConfig:
 
 def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100):
     """Cross-entropy of the class logits against the labels, for one batch."""
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    input_batch = input_batch.to(device, non_blocking=True)
+    target_batch = target_batch.to(device, non_blocking=True)
     logits = model(input_batch)  # (B, num_classes)
     return F.cross_entropy(logits, target_batch, ignore_index=ignore_index)
 
@@ -95,6 +96,16 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_in
 
 # ----------------------------------------------------------------------------- training
 
+def progress(loader, epoch):
+    """A progress bar over an epoch's batches, on stderr and only in a terminal (tqdm)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return loader
+    return tqdm(loader, desc=f"Epoch {epoch + 1}", leave=False, disable=None,
+                file=sys.__stderr__)
+
+
 def train(model, loaders, optimizer, cfg, device, scaler=None):
     """The chapter's `train_classifier_simple`: returns the history as a dict.
 
@@ -111,7 +122,7 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
     examples_seen, global_step, k = 0, -1, cfg.accumulation_steps
     for epoch in range(cfg.epochs):
         model.train()
-        for batch_idx, (input_batch, target_batch) in enumerate(train_loader):
+        for batch_idx, (input_batch, target_batch) in enumerate(progress(train_loader, epoch)):
             if batch_idx % k == 0:
                 optimizer.zero_grad(set_to_none=True)
             loss = calc_loss_batch(input_batch, target_batch, model, device, cfg.ignore_index)
@@ -318,7 +329,8 @@ def run(cfg):
 
         # 3. Loaders, built right after seeding (the chapter's order; they draw when iterated).
         torch.manual_seed(cfg.seed)
-        loaders = data.create_loaders(datasets, batch_size=cfg.batch_size)
+        loaders = data.create_loaders(datasets, batch_size=cfg.batch_size,
+                                      pin_memory=device.type == "cuda")
         print(f"{len(train_ds)} training, {len(datasets['validation'])} validation, "
               f"{len(datasets['test'])} test examples; max_length {train_ds.max_length}; "
               f"batches {len(loaders['train'])} / {len(loaders['validation'])} / "
@@ -329,19 +341,18 @@ def run(cfg):
         gpt.setup_classifier(model, len(data.CLASS_NAMES), cfg.trainable_layers,
                              cfg.lora_rank, cfg.lora_alpha)
         model.to(device)
-        classifier, note = build_classifier(model, cfg, device)
-        if note:
-            print(note)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"Trainable parameters: {n_train:,} of {sum(p.numel() for p in model.parameters()):,}")
 
         if cfg.initial_eval:  # the chapter's look before training; the run reseeds below
+            before, _ = build_classifier(model, cfg, device)  # own cache: training starts cold
             torch.manual_seed(cfg.seed)
-            accs = [calc_accuracy_loader(loaders[s], classifier, device, num_batches=10)
+            accs = [calc_accuracy_loader(loaders[s], before, device, num_batches=10)
                     for s in data.SPLITS]
             with torch.no_grad():
-                losses = [calc_loss_loader(loaders[s], classifier, device, 5, cfg.ignore_index)
+                losses = [calc_loss_loader(loaders[s], before, device, 5, cfg.ignore_index)
                           for s in data.SPLITS]
+            del before
             print("Before fine-tuning (accuracy over 10 batches, loss over 5):")
             for split_name, acc in zip(("Training", "Validation", "Test"), accs):
                 print(f"{split_name} accuracy: {acc*100:.2f}%")
@@ -349,11 +360,16 @@ def run(cfg):
                 print(f"{split_name} loss: {loss:.3f}")
 
         # 5. Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
+        classifier, note = build_classifier(model, cfg, device)
+        if note:
+            print(note)
         start_time = time.time()
         torch.manual_seed(cfg.seed)
+        # --fast: one fused kernel for the whole update (5x quicker on a CPU than the default
+        # loop over tensors; the same formula, rounded differently).
+        fused = cfg.fast and device.type in ("cpu", "cuda") or None
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay,
-                                      fused=cfg.fast and device.type == "cuda" or None)
+                                      weight_decay=cfg.weight_decay, fused=fused)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         history = train(classifier, loaders, optimizer, cfg, device, scaler)
         if device.type == "cuda":
