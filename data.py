@@ -101,7 +101,7 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
                             got += len(chunk)
                             bar.update(len(chunk))
                 if total is not None and got != total:  # cut off on the way: worth a retry
-                    raise ConnectionError(f"connection closed after {got} of {total} bytes")
+                    raise ConnectionError(f"got {got} of {total} bytes before the connection closed")
                 if check is not None:
                     check(tmp)
                 os.replace(tmp, dest)
@@ -115,7 +115,7 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
                     if 400 <= e.code < 500:  # no such file there: asking again will not help
                         break
                 else:
-                    errors.append(f"{url}: {getattr(e, 'reason', None) or repr(e)}")
+                    errors.append(f"{url}: {getattr(e, 'reason', None) or e or repr(e)}")
                 if attempt + 1 < retries:
                     time.sleep(backoff * 2**attempt)
             finally:
