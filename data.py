@@ -104,6 +104,7 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
                     raise ConnectionError(f"got {got} of {total} bytes before the connection closed")
                 if check is not None:
                     check(tmp)
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
                 os.replace(tmp, dest)
                 return dest
             except DataError as e:  # the server answered, with the wrong thing
@@ -243,6 +244,12 @@ def make_splits(rows, seed=SEED):
     return split(balance(rows, np.random.RandomState(seed)), np.random.RandomState(seed))
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path, data):
     """Write bytes to `path` through a temporary file, so it is either absent or complete."""
     path = Path(path)
@@ -251,6 +258,7 @@ def write_atomic(path, data):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import math
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -289,6 +290,15 @@ def build_classifier(model, cfg, device):
     return classifier, note
 
 
+def build_optimizer(model, cfg, device):
+    """AdamW over all parameters, as the chapter does (frozen ones get no gradient, so AdamW
+    leaves them be). --fast uses one fused kernel for the whole update: the same formula,
+    rounded differently, and on a CPU about 5x quicker than the default loop over tensors."""
+    fused = cfg.fast and device.type in ("cpu", "cuda") or None
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=fused)
+
+
 def run(cfg):
     """The whole chapter-6 procedure; returns the run folder. Raises ValueError,
     data.DataError or gpt.WeightsError for bad input."""
@@ -365,11 +375,7 @@ def run(cfg):
             print(note)
         start_time = time.time()
         torch.manual_seed(cfg.seed)
-        # --fast: one fused kernel for the whole update (5x quicker on a CPU than the default
-        # loop over tensors; the same formula, rounded differently).
-        fused = cfg.fast and device.type in ("cpu", "cuda") or None
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay, fused=fused)
+        optimizer = build_optimizer(model, cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         history = train(classifier, loaders, optimizer, cfg, device, scaler)
         if device.type == "cuda":
@@ -406,12 +412,18 @@ def run(cfg):
 
 
 def device_name(device):
+    """What the device is, for the records: the GPU's name, or the CPU's model name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        import platform
-        return platform.processor() or platform.machine()
-    return device.type
+    if device.type == "mps":
+        return f"Apple {platform.machine()} (MPS)"
+    try:  # Linux: platform.processor() says only "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
 
 
 def parse_args(argv=None):

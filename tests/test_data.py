@@ -4,6 +4,7 @@ The checks on the real SMS Spam Collection pin the chapter's published figures a
 its three CSV files (PARSE.md); the rest runs on small generated inputs and a local HTTP server.
 """
 
+import os
 import csv
 import hashlib
 import io
@@ -520,3 +521,13 @@ def test_download_file_retries_network_errors_then_names_every_url(http_server, 
     assert missing in message and "Not Found" in message  # the HTTP 404
     assert http_server.requests[0] == "/missing"  # then the next URL
     assert files_in(tmp_path) == []
+
+
+def test_write_atomic_gives_files_the_usual_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        data.write_atomic(tmp_path / "f.txt", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "f.txt").read_bytes() == b"x"
