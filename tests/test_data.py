@@ -4,10 +4,10 @@ The checks on the real SMS Spam Collection pin the chapter's published figures a
 its three CSV files (PARSE.md); the rest runs on small generated inputs and a local HTTP server.
 """
 
-import os
 import csv
 import hashlib
 import io
+import os
 import zipfile
 
 import numpy as np
