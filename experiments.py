@@ -15,8 +15,9 @@ kept only if it ran with the settings asked for now; otherwise the script says s
 
 Weights: by default each row uses OpenAI's pretrained GPT-2 of the size it names (downloaded
 once). `--weights random` trains every row from random weights instead, of the row's size
-(random-medium, random-large, random-xl for rows 6-9 and 12). `--weights DIR` uses one Hugging
-Face folder for every row, so the rows that change the model (6-10 and 12) are refused.
+(random-medium, random-large, random-xl for rows 6-9 and 12); rows 5 and 10 are then the same
+run, trained once (the second row's folder links to the first's). `--weights DIR` uses one
+Hugging Face folder for every row, so the rows that change the model (6-10 and 12) are refused.
 """
 
 import argparse
@@ -166,8 +167,21 @@ def command_line(flags):
         if isinstance(value, bool):
             words.append(flag if value else "--no-" + flag[2:])
         else:
-            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+            words += [flag, f"{value:.15g}" if isinstance(value, float) else str(value)]
     return shlex.join(words)
+
+
+def twin(number, cfg, out_dir, among=NUMBERS):
+    """A row `among` those finished in `out_dir` that ran with `cfg`'s very settings, or None.
+
+    Under --weights random, rows 5 and 10 are the same run: random weights, all layers trained.
+    """
+    for other in among:
+        folder = Path(out_dir) / f"row-{other:02d}"
+        if other != number and is_finished(folder) and not folder.is_symlink() and \
+                settings(read_json(folder / "run.json")["flags"]) == settings(asdict(cfg)):
+            return other
+    return None
 
 
 def is_finished(folder):
@@ -189,7 +203,7 @@ def table(out_dir, numbers, failed=None, running=None):
     """experiments.md: the chosen rows, and any others finished in `out_dir`, measured."""
     out_dir, failed = Path(out_dir), failed or {}
     shown = sorted(set(numbers) | {n for n in NUMBERS if is_finished(out_dir / f"row-{n:02d}")})
-    lines, random_rows = [], []
+    lines, random_rows, links = [], [], []
     for n in shown:
         row, folder = ROWS[n - 1], out_dir / f"row-{n:02d}"
         chapter = f"{row.train:.2f} / {row.val:.2f} / {row.test:.2f}"
@@ -200,6 +214,8 @@ def table(out_dir, numbers, failed=None, running=None):
             measured += [f"{metrics['train_minutes']:.2f}",
                          f"{metrics['device']} ({metrics['device_name']})"]
             flags = info["flags"]
+            if folder.is_symlink():
+                links.append(f"row {n} is row {int(folder.readlink().name[4:])}'s")
             if str(flags["weights"]).startswith("random") and n != 10:
                 random_rows.append(n)
             shown_flags = f"`{command_line(flags)}`" if settings(flags) else "(defaults)"
@@ -220,11 +236,15 @@ def table(out_dir, numbers, failed=None, running=None):
         "the change says otherwise, 5 epochs, on an A100.",
     ]
     if random_rows:
-        head += ["", f"**Random weights:** rows {', '.join(map(str, random_rows))} were trained "
-                 "from randomly initialised weights (`--weights random`; medium, large and xl "
-                 "rows from random weights of their size), not from OpenAI's pretrained ones, so "
-                 "they do not compare like with like with the chapter's figures (the chapter's "
-                 "own random-weights run is row 10)."]
+        which = (f"rows {', '.join(map(str, random_rows))} were" if len(random_rows) > 1
+                 else f"row {random_rows[0]} was")
+        head += ["", f"**Random weights:** {which} trained from randomly initialised weights "
+                 "(`--weights random`; medium, large and xl rows from random weights of their "
+                 "size), not from OpenAI's pretrained ones, so they do not compare like with like "
+                 "with the chapter's figures (the chapter's own random-weights run is row 10)."]
+    if links:
+        head += ["", f"**Shared runs:** {'; '.join(links)} run (the same settings, so its folder "
+                 "links to that one)."]
     head += [
         "",
         "| # | change from the default | settings (finetune.py flags) | train | val | test "
@@ -261,7 +281,8 @@ def parse_args(argv=None):
                    help="holds one run folder per row (row-01, ...) and experiments.md "
                    "(default: experiments)")
     p.add_argument("--fast", action="store_true",
-                   help="finetune.py's exact shortcuts: the same numbers, much faster")
+                   help="finetune.py's --fast: its shortcuts give the same numbers (up to "
+                   "float rounding), much faster")
     p.add_argument("--precision", choices=tuple(finetune.PRECISIONS),
                    help="fp32 (finetune's default), bf16 or fp16 (CUDA) autocast")
     p.add_argument("--epochs", type=int, help="passes over the training set for every row "
@@ -313,17 +334,31 @@ def main(argv=None):
         configs = plan(args)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    out_dir, numbers, failed = Path(args.output_dir), list(configs), {}
+    out_dir, numbers, failed, ran = Path(args.output_dir), list(configs), {}, []
     try:
         for i, (n, cfg) in enumerate(configs.items(), 1):
-            if is_finished(cfg.output_dir) and not args.rerun:
-                print(f"Row {n}: finished in {cfg.output_dir}, kept", flush=True)
+            folder = Path(cfg.output_dir)
+            if is_finished(folder) and not args.rerun:
+                print(f"Row {n}: finished in {folder}, kept", flush=True)
                 continue
+            if folder.is_symlink():  # a link to a twin (below): this row now trains itself
+                folder.unlink()
+            other = twin(n, cfg, out_dir, among=ran if args.rerun else NUMBERS)
+            if other is not None and not folder.exists():
+                try:
+                    folder.symlink_to(f"row-{other:02d}", target_is_directory=True)
+                    print(f"Row {n}: the same settings as row {other}, which finished: "
+                          f"{folder} links to it", flush=True)
+                    write_table(out_dir, numbers, failed)
+                    continue
+                except OSError:  # no symlinks here (some Windows set-ups): train it again
+                    pass
             write_table(out_dir, numbers, failed, running=n)
             print(f"\n=== Row {n} ({i} of {len(numbers)}): {ROWS[n - 1].change}\n"
                   f"    python finetune.py {command_line(asdict(cfg))}", flush=True)
             try:
                 finetune.run(cfg)
+                ran.append(n)
             except (ValueError, data.DataError, gpt.WeightsError) as e:
                 failed[n] = str(e)  # noted in the table; the other rows still run
                 print(f"error: row {n}: {e}", file=sys.stderr, flush=True)

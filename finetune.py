@@ -129,7 +129,8 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
             loss = calc_loss_batch(input_batch, target_batch, model, device, cfg.ignore_index)
             # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
             scaler.scale(loss / k if k > 1 else loss).backward()
-            if (batch_idx + 1) % k == 0 or batch_idx + 1 == len(train_loader):
+            last = cfg.max_steps is not None and global_step + 2 >= cfg.max_steps  # --max-steps
+            if (batch_idx + 1) % k == 0 or batch_idx + 1 == len(train_loader) or last:
                 scaler.step(optimizer)
                 scaler.update()
             examples_seen += input_batch.shape[0]

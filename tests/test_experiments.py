@@ -354,3 +354,57 @@ def test_the_header_says_when_rows_used_random_weights(tmp_path):
     assert rows[10][2] == "`--weights random --trainable-layers all --fast`"
     assert rows[1][3:8] == ["50.00", "25.00", "100.00", "12.35", "cpu (x86_64)"]
     assert "Random weights" not in experiments.table(tmp_path / "empty", [1, 10])
+
+
+def fake_run(calls):
+    """A stand-in for finetune.run that leaves a finished row folder at once."""
+    def run(cfg):
+        calls.append(Path(cfg.output_dir).name)
+        folder = Path(cfg.output_dir)
+        assert not folder.is_symlink()  # never written through a link into another row
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps({
+            "final_accuracy": {"train": 0.5, "validation": 0.5, "test": len(calls) / 10},
+            "train_minutes": 1.0, "device": "cpu", "device_name": "x86_64"}))
+        (folder / "run.json").write_text(json.dumps({"flags": asdict(cfg)}))
+        return folder
+    return run
+
+
+def test_rows_with_the_same_settings_share_one_run(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(finetune, "run", fake_run(calls))
+    out = tmp_path / "out"
+    # Under --weights random, rows 5 and 10 both train all layers of a random GPT-2 small.
+    experiments.main(["--rows", "10,1,5", "--weights", "random", "--output-dir", str(out)])
+    assert calls == ["row-10", "row-01"]
+    assert (out / "row-05").is_symlink() and (out / "row-05" / "run.json").is_file()
+    assert "Row 5: the same settings as row 10" in capsys.readouterr().out
+    md = (out / "experiments.md").read_text()
+    rows = table_rows(md)
+    assert rows[5][2:8] == rows[10][2:8] and rows[5][5] == "10.00"
+    assert "row 5 is row 10's run" in md
+
+    experiments.main(["--rows", "5,10", "--weights", "random", "--output-dir", str(out)])
+    assert calls == ["row-10", "row-01"]  # both finished: kept
+
+    # --rerun trains a linked row itself (never through the link into the other row) ...
+    experiments.main(["--rows", "5", "--weights", "random", "--output-dir", str(out),
+                      "--rerun"])
+    assert calls[2:] == ["row-05"] and not (out / "row-05").is_symlink()
+    assert json.loads((out / "row-10" / "metrics.json").read_text())[
+        "final_accuracy"]["test"] == 0.1
+    assert "Shared runs" not in (out / "experiments.md").read_text()
+    # ... and links only to a row it trained again itself; without --rerun, to any twin.
+    shutil.rmtree(out / "row-10")
+    experiments.main(["--rows", "10", "--weights", "random", "--output-dir", str(out),
+                      "--rerun"])
+    assert calls[3:] == ["row-10"] and not (out / "row-10").is_symlink()
+    shutil.rmtree(out / "row-10")
+    experiments.main(["--rows", "10", "--weights", "random", "--output-dir", str(out)])
+    assert calls[4:] == [] and (out / "row-10").is_symlink()
+
+
+def test_the_random_weights_note_names_one_row_in_the_singular(tmp_path):
+    fake_finished_row(tmp_path, 2, "random")
+    assert "**Random weights:** row 2 was trained" in experiments.table(tmp_path, [2])
