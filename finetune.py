@@ -459,7 +459,7 @@ def parse_args(argv=None):
       "last_block)")
     a("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank (default: 16)")
     a("--lora-alpha", type=float, default=d.lora_alpha,
-      help="LoRA alpha; the update is scaled by alpha / rank (default: 16)")
+      help="LoRA alpha: the update is scaled by alpha, as in the book (default: 16)")
     a("--token-position", default=d.token_position, choices=("last", "first", "flexible"),
       help="the position classified: last (the chapter's), first, or flexible = the last "
       "non-padding token of each text (default: last)")

@@ -196,8 +196,10 @@ class GPTModel(nn.Module):
 # ----------------------------------------------------------------------------- classification
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: W x + (alpha / rank) * B A x.
+    """A frozen nn.Linear plus a trainable low-rank update: W x + alpha * (x A B).
 
+    The update is scaled by alpha alone, as in the book's appendix E (the LoRA paper divides by
+    the rank too), so `--lora-alpha` means what the chapter's experiments table means by it.
     B starts at zero, so the wrapped layer starts out computing exactly what the base did.
     """
 
@@ -209,14 +211,14 @@ class LoRALinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(rank, base.out_features))
 
     def forward(self, x):
-        return self.base(x) + (self.alpha / self.rank) * (x @ self.A @ self.B)
+        return self.base(x) + self.alpha * (x @ self.A @ self.B)
 
     def merged(self):
         """An nn.Linear computing the same function, for inference."""
         lin = nn.Linear(self.base.in_features, self.base.out_features,
                         bias=self.base.bias is not None).to(self.A)
         with torch.no_grad():
-            lin.weight.copy_(self.base.weight + (self.alpha / self.rank) * (self.A @ self.B).T)
+            lin.weight.copy_(self.base.weight + self.alpha * (self.A @ self.B).T)
             if self.base.bias is not None:
                 lin.bias.copy_(self.base.bias)
         return lin

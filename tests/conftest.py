@@ -46,6 +46,20 @@ def _restore_torch_state():
 # ----------------------------------------------------------------------------- Hugging Face
 
 @pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A tiny Hugging Face GPT-2 checkpoint with GPT-2's real vocabulary size, so that whole
+    finetune.py runs on the real data take seconds."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                     vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """(folder, model): a tiny randomly initialised GPT2LMHeadModel saved in Hugging Face format.
 

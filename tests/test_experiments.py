@@ -46,18 +46,6 @@ RANDOM_WEIGHTS = {6: "random-medium", 7: "random-large", 8: "random-xl", 9: "ran
 CHANGES_THE_MODEL = {6, 7, 8, 9, 10, 12}
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """A tiny Hugging Face GPT-2 checkpoint with GPT-2's real vocabulary size."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                                     vocab_size=50257)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
 def argv(out, weights, raw_path, rows="1,2", *extra):
     return ["--rows", rows, "--weights", str(weights), "--data", str(raw_path),
             "--output-dir", str(out), "--device", "cpu", "--epochs", "1", "--max-steps", "2",

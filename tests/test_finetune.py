@@ -22,18 +22,6 @@ ACC_LINE = re.compile(r"^Training accuracy: (\d+\.\d\d)% \| Validation accuracy:
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """A tiny Hugging Face GPT-2 checkpoint with GPT-2's real vocabulary size."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                                     vocab_size=50257)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def real_data(raw_path):
     return str(raw_path)
 

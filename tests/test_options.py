@@ -85,6 +85,17 @@ def test_lora_trains_only_its_own_parameters(capsys):
     assert "out_head.base.weight" in before and "tok_emb.weight" in before
 
 
+def test_lora_update_is_scaled_by_alpha_as_in_the_book():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(4, 3)
+    lora = gpt.LoRALinear(base, rank=2, alpha=8.0)
+    with torch.no_grad():
+        lora.B.fill_(0.5)
+    x = torch.randn(5, 4)
+    assert_close(lora(x), base(x) + 8.0 * (x @ lora.A @ lora.B))
+    assert_close(lora.merged()(x), lora(x))
+
+
 # ----------------------------------------------------------------------------- accumulation (15)
 
 @pytest.mark.parametrize("make_optimizer, atol, skip", [
