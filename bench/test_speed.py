@@ -25,7 +25,6 @@ import copy
 import inspect
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch

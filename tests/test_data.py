@@ -116,8 +116,8 @@ def test_real_splits_equal_the_chapters_pandas_code(real_rows, real_csv_dir):
     # The chapter saves with DataFrame.to_csv(index=None): the same bytes as write_csv.
     pd = pytest.importorskip("pandas")
     for name, part in expected.items():
-        written = pd.DataFrame(part, columns=["Label", "Text"]).to_csv(index=None,
-                                                                        lineterminator="\n")
+        frame = pd.DataFrame(part, columns=["Label", "Text"])
+        written = frame.to_csv(index=None, lineterminator="\n")
         assert written.encode("utf-8") == (real_csv_dir / f"{name}.csv").read_bytes()
 
 

@@ -11,7 +11,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
-import torch
 
 import experiments
 import finetune
