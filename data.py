@@ -7,7 +7,7 @@ to the chapter's and the loaders yield the chapter's batches:
     python data.py --data SMSSpamCollection --output-dir splits   # no network at all
 
 Nothing here needs pandas: Python's csv module reads the raw file the way the chapter's
-`pandas.read_csv(sep="\\t")` does (a text that starts with `"` is a quoted field, see PARSE.md).
+`pandas.read_csv(sep="\\t")` does (a text that starts with `"` is a quoted field).
 """
 
 import argparse
@@ -151,7 +151,7 @@ def read_raw_text(path):
 def parse(text, source="the data"):
     """Rows of (label, text) exactly as the chapter's tab-separated CSV reader gives them.
 
-    A text that starts with `"` is a quoted field that may run across lines (PARSE.md), which is
+    A text that starts with `"` is a quoted field that may run across lines, which is
     why this yields 5,572 rows from 5,574 lines. Blank lines are skipped. Anything but
     `ham|spam<TAB>text` raises DataError naming the row.
     """

@@ -136,7 +136,7 @@ def evaluate_splits(classifier, info, device, data_path=None):
     results = {}
     for name in data.SPLITS:
         rows = splits[name]
-        if name == "train":  # the examples finetune.py's final pass covered (SPEC §6)
+        if name == "train":  # the examples finetune.py's final pass covered
             dropped = set(info["final_train_dropped"])
             rows = [row for i, row in enumerate(rows) if i not in dropped]
         ds = data.SpamDataset(rows, tokenizer, info["max_length"], pad=info["padding"])
@@ -151,7 +151,8 @@ def print_splits(results):
     for title, name in zip(("Training", "Validation", "Test"), data.SPLITS):
         print(f"{title} accuracy: {results[name][0]*100:.2f}%")
     print()
-    print(f"{'spam as positive':<12} {'precision':>9} {'recall':>7} {'F1':>7}   confusion "
+    print("Spam as the positive class:")
+    print(f"{'split':<16} {'precision':>9} {'recall':>7} {'F1':>7}   confusion "
           "[[TN, FP], [FN, TP]]")
     for name in data.SPLITS:
         _, precision, recall, f1, m = results[name]

@@ -1,4 +1,4 @@
-"""The chapter's experiments table (SPEC §8), measured: every row is one finetune.py run.
+"""The chapter's experiments table, measured: every row is one finetune.py run.
 
     python experiments.py --rows 1,2,3,5,10 --weights random --data SMSSpamCollection --fast
 
@@ -43,7 +43,7 @@ class Row(NamedTuple):
     minutes: float  # the chapter's training time on an A100
 
 
-# The chapter's experiments table (SPEC §8).
+# The chapter's experiments table.
 ROWS = [
     Row(1, "none (last token, last block trainable, padded to 120)", "",
         96.63, 99.33, 95.00, 0.28),
@@ -229,7 +229,7 @@ def table(out_dir, numbers, failed=None, running=None):
     head = [
         "# The chapter's experiments, measured",
         "",
-        "Chapter 6's experiments table (SPEC §8) beside our runs of the same changes. Each row "
+        "Chapter 6's experiments table beside our runs of the same changes. Each row "
         "is one `python finetune.py` run with the settings shown (its folder: `row-NN/`).",
         "Accuracy (%) is over the whole of each split after training; time is the training "
         "loop alone, in minutes. The chapter's figures: OpenAI's pretrained GPT-2 small unless "
@@ -264,7 +264,7 @@ def write_table(out_dir, numbers, failed=None, running=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Run rows of the chapter's experiments table "
-                                "(SPEC §8) with finetune.py, one after another, and write "
+                                "with finetune.py, one after another, and write "
                                 "experiments.md with the measured figures beside the chapter's.")
     p.add_argument("--rows", required=True, metavar="LIST",
                    help="the rows to run, e.g. 1,2,10 or 1-5,16, or all (all 19)")

@@ -431,7 +431,7 @@ def device_name(device):
 def parse_args(argv=None):
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Fine-tune GPT-2 as a spam classifier, exactly as "
-                                "chapter 6 does (SPEC §4-§6), or faster with --fast.")
+                                "chapter 6 does (sections 6.4-6.8), or faster with --fast.")
     a = p.add_argument
     a("--data", metavar="PATH", help="the raw SMSSpamCollection file or its zip; no network is "
       "used (default: download once from UCI into the cache)")

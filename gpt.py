@@ -253,7 +253,7 @@ def add_classification_head(model, num_classes=2):
 
 
 def setup_classifier(model, num_classes=2, trainable="last_block", lora_rank=16, lora_alpha=16):
-    """The chapter's classification set-up (SPEC §4), in its order.
+    """The chapter's classification set-up (section 6.5), in its order.
 
     Freeze every weight, put in a new class head (trainable: it is new), then unfreeze by policy:
     `last_layer` the head only; `last_block` also the last transformer block and the final norm
@@ -507,7 +507,7 @@ def _check_safetensors(path):
 
 def download_weights(name, cache=None, **download_kw):
     """Folder holding a preset's config.json and model.safetensors, downloaded once."""
-    from data import DataError, cache_dir, download_file  # the one downloader (SPEC §1, §3)
+    from data import DataError, cache_dir, download_file  # the one downloader
 
     _, repo = PRESETS[name]
     folder = (Path(cache) if cache else cache_dir()) / "weights" / repo.split("/")[-1]

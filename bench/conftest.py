@@ -7,7 +7,7 @@
 Each test in test_speed.py times one piece of the chapter's training phase (a training step, an
 evaluation batch, a trunk-cache fill, optionally a whole epoch) for one row: a device, a precision,
 a variant and a trainable set. `Results` gathers the pieces, projects the chapter's whole training
-phase from them (SPEC §5), and the end of the session prints that as a table and writes it as
+phase from them (section 6.7), and the end of the session prints that as a table and writes it as
 Markdown (`--bench-summary`, default bench-summary.md). This directory has its own conftest so
 that `pytest bench` and the project's tests/ never share fixtures.
 """
@@ -25,8 +25,8 @@ import data
 import gpt
 
 # ----------------------------------------------------------------------------- the chapter's run
-# SPEC §2, §5: 1,045 training examples in 130 batches of 8 x 120 tokens, 5 epochs; every 50 steps
-# the loss over the first 5 batches of train and of validation; after each epoch the accuracy over
+# Sections 6.3 and 6.7: 1,045 training examples in 130 batches of 8 x 120 tokens, 5 epochs;
+# every 50 steps the loss over the first 5 batches of train and of validation; after each epoch the accuracy over
 # the first 5 batches of each.
 EPOCHS, STEPS_PER_EPOCH, EVAL_FREQ, EVAL_ITER = 5, 130, 50, 5
 STEPS = EPOCHS * STEPS_PER_EPOCH  # 650
@@ -39,7 +39,7 @@ CHAPTER_BATCH = 8
 # training example (five shuffles reach all 1,045) and the 40 validation examples evaluated.
 DISTINCT_EXAMPLES = 1045 + EVAL_ITER * CHAPTER_BATCH  # 1,085
 
-# SPEC §7 and §8 (5 epochs, GPT-2 small): (words in the device name, trainable, figure).
+# The chapter's timings (5 epochs, GPT-2 small): (words in the device name, trainable, figure).
 CHAPTER_FIGURES = [
     (("A100",), "all", "0.69 min (A100, all layers, table #5)"),
     (("A100",), "last_block", "0.28 min (A100, table #1); < 0.5 min (text)"),
@@ -47,7 +47,7 @@ CHAPTER_FIGURES = [
     (("3060",), "last_block", "0.67 min (RTX 3060)"),
     (("Apple", "M3"), "last_block", "~6 min (M3 MacBook Air)"),
 ]
-CHAPTER_NOTE = ("Chapter's figures (SPEC §7, §8; 5 epochs, GPT-2 small, pretrained): ~6 min on "
+CHAPTER_NOTE = ("Chapter's figures (5 epochs, GPT-2 small, pretrained): ~6 min on "
                 "an M3 MacBook Air; under 0.5 min on a V100 or A100; 0.67 min on an RTX 3060; "
                 "0.28 min on an A100 (0.69 min with all layers trainable).")
 
@@ -204,7 +204,7 @@ class Row:
     notes: list = field(default_factory=list)
 
     def phase(self):
-        """The chapter's training phase (SPEC §5) projected from the pieces measured so far:
+        """The chapter's training phase (section 6.7) projected from the pieces measured so far:
         seconds, FLOPs and what is still missing. 650 steps + 180 evaluation batches, plus, with
         the trunk cache, one fill per distinct example the phase reads (1,085)."""
         parts = {"step": STEPS, "eval": EVAL_BATCHES}
@@ -354,7 +354,7 @@ def summary_markdown(results, tiny, wall_s, load_end):
            "",
            *markdown_table(summary_rows(results)),
            "",
-           "- Projection of the training phase (SPEC §5): 650 steps + 180 evaluation batches "
+           "- Projection of the training phase (section 6.7): 650 steps + 180 evaluation batches "
            "(13 loss evaluations and 5 accuracies, 5 + 5 batches each); with the trunk cache "
            "(`fast`, last block) also one fill per distinct example read (1,085 = 1,045 train + "
            "40 validation), i.e. 1085/8 fill batches; the cached step and evaluation are then "
