@@ -26,8 +26,8 @@ import gpt
 
 # ----------------------------------------------------------------------------- the chapter's run
 # Sections 6.3 and 6.7: 1,045 training examples in 130 batches of 8 x 120 tokens, 5 epochs;
-# every 50 steps the loss over the first 5 batches of train and of validation; after each epoch the accuracy over
-# the first 5 batches of each.
+# every 50 steps the loss over the first 5 batches of train and of validation; after each epoch
+# the accuracy over the first 5 batches of each.
 EPOCHS, STEPS_PER_EPOCH, EVAL_FREQ, EVAL_ITER = 5, 130, 50, 5
 STEPS = EPOCHS * STEPS_PER_EPOCH  # 650
 LOSS_EVALS = len(range(0, STEPS, EVAL_FREQ))  # 13: steps 0, 50, ..., 600
