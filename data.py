@@ -316,12 +316,17 @@ def get_tokenizer():
                              special_tokens={"<|endoftext|>": PAD_ID}, explicit_n_vocab=50257)
 
 
-def encode(text, tokenizer, max_length=None, pad=True):
-    """Token ids of `text`, truncated to `max_length`, right-padded with PAD_ID to it if `pad`."""
-    ids = tokenizer.encode(text)[:max_length]
+def truncate_and_pad(ids, max_length=None, pad=True):
+    """`ids` cut to `max_length`, then right-padded with PAD_ID to it if `pad`."""
+    ids = ids[:max_length]
     if pad and max_length is not None:
         ids = ids + [PAD_ID] * (max_length - len(ids))
     return ids
+
+
+def encode(text, tokenizer, max_length=None, pad=True):
+    """Token ids of `text`, truncated to `max_length`, right-padded with PAD_ID to it if `pad`."""
+    return truncate_and_pad(tokenizer.encode(text), max_length, pad)
 
 
 class SpamDataset(Dataset):
@@ -336,7 +341,7 @@ class SpamDataset(Dataset):
         encoded = [tokenizer.encode(text) for _, text in rows]
         self.max_length = max_length or max(len(ids) for ids in encoded)
         self.labels = [label for label, _ in rows]
-        self.encoded = [encode(text, tokenizer, self.max_length, pad) for _, text in rows]
+        self.encoded = [truncate_and_pad(ids, self.max_length, pad) for ids in encoded]
 
     def __len__(self):
         return len(self.labels)

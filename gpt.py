@@ -45,7 +45,7 @@ PRESETS = {
 ALIASES = {"gpt2": "small", "124m": "small", "gpt2-medium": "medium", "355m": "medium",
            "gpt2-large": "large", "774m": "large", "gpt2-xl": "xl", "1558m": "xl"}
 HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
-PAD_ID = 50256
+PAD_ID = 50256  # <|endoftext|>, the pad token (data.PAD_ID; gpt.py imports nothing local)
 TRAINABLE = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
 
 

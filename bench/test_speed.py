@@ -297,22 +297,26 @@ def batches(token_data, split, batch, count=None):
             for i in range(n)]
 
 
+def timed(benchmark, target, setup, warmup, n, group):
+    """benchmark.pedantic over `target`, its arguments from `setup()`: the median seconds of the
+    timed rounds. With --benchmark-disable it runs once, timed here instead, so that the smoke
+    pass goes through every line that a measurement does."""
+    benchmark.group = group
+    start = time.perf_counter()
+    benchmark.pedantic(target, setup=setup, rounds=n, warmup_rounds=warmup)
+    if benchmark.enabled:
+        return benchmark.stats.stats.median
+    return time.perf_counter() - start
+
+
 def measure(benchmark, target, pool, warmup, n, group):
-    """benchmark.pedantic over `target(x, y)`, one pool batch per round in turn: the median
-    seconds of the timed rounds. With --benchmark-disable it runs once, timed here instead, so
-    that the smoke pass goes through every line that a measurement does."""
+    """`timed` over `target(x, y)`, one pool batch per round in turn."""
     turn = iter(range(10**9))
 
     def setup():
         return pool[next(turn) % len(pool)], {}
 
-    benchmark.group = group
-    if benchmark.enabled:
-        benchmark.pedantic(target, setup=setup, rounds=n, warmup_rounds=warmup)
-        return benchmark.stats.stats.median
-    start = time.perf_counter()
-    benchmark.pedantic(target, setup=setup, rounds=n, warmup_rounds=warmup)
-    return time.perf_counter() - start
+    return timed(benchmark, target, setup, warmup, n, group)
 
 
 def report(benchmark, results, row, setup, kind, seconds, flops, examples, token_data, sizes):
@@ -435,14 +439,7 @@ def test_epoch(benchmark, case, setup_row, row_of, token_data, sizes, results, p
         sync(s.device)
 
     warmup, n = rounds(pytestconfig, s.device, "epoch", s.trainable)
-    benchmark.group = f"epoch, {s.device.type}"
-    if benchmark.enabled:
-        benchmark.pedantic(epoch, setup=setup, rounds=n, warmup_rounds=warmup)
-        seconds = benchmark.stats.stats.median
-    else:
-        start = time.perf_counter()
-        benchmark.pedantic(epoch, setup=setup, rounds=n, warmup_rounds=warmup)
-        seconds = time.perf_counter() - start
+    seconds = timed(benchmark, epoch, setup, warmup, n, f"epoch, {s.device.type}")
     steps = histories[-1]["steps"]
     assert steps == len(loaders["train"])
     # The FLOPs of the epoch just run: its steps, its evaluation batches (3 loss evaluations
