@@ -274,8 +274,9 @@ def test_parse_equals_pandas(lines, final_newline):
     try:
         expected = pandas_rows(text)
     except pd.errors.ParserError:
-        # BUG (data.parse): pandas refuses a quote that is still open at the end of the file
-        # ("EOF inside string"); data.parse silently turns everything after it into one text.
+        # pandas refuses a quote that is still open at the end of the file ("EOF inside
+        # string"); data.parse refuses it too (the csv module alone would keep the rest as one
+        # text).
         with pytest.raises(data.DataError):
             data.parse(text)
         return
@@ -300,8 +301,8 @@ def test_parse_quoted_fields_like_the_chapter():
 
 
 def test_parse_refuses_a_quote_left_open_at_the_end():
-    # BUG (data.parse): the chapter's reader (pandas) fails with "EOF inside string" here;
-    # data.parse returns ("spam", "win now\nham\tsee you") instead, merging the last lines.
+    # The chapter's reader (pandas) fails with "EOF inside string" here; Python's csv module
+    # alone would return ("spam", "win now\nham\tsee you"), merging the last lines.
     pd = pytest.importorskip("pandas")
     text = 'ham\tfine\nspam\t"win now\nham\tsee you\n'
     with pytest.raises(pd.errors.ParserError):
@@ -458,9 +459,7 @@ BAD_DOWNLOADS = {
                                "without a SMSSpamCollection"),
     "lying Content-Length": (GOOD_ZIP[:_half], len(GOOD_ZIP), False,
                              f"got {_half} of {len(GOOD_ZIP)} bytes"),
-    # BUG (data.download_file): a chunked transfer cut short raises http.client.IncompleteRead,
-    # an HTTPException that is neither OSError nor DataError, so it escapes unhandled.
-    "chunked transfer cut short": (GOOD_ZIP, None, True, ""),
+    "chunked transfer cut short": (GOOD_ZIP, None, True, "IncompleteRead"),
 }
 
 
@@ -519,8 +518,47 @@ def test_download_file_retries_network_errors_then_names_every_url(http_server, 
     message = str(e.value)
     assert message.count(closed_url) == 3  # network trouble: every try is made
     assert missing in message and "Not Found" in message  # the HTTP 404
-    assert http_server.requests[0] == "/missing"  # then the next URL
+    assert http_server.requests == ["/missing"]  # then the next URL, asked once
     assert files_in(tmp_path) == []
+
+
+# What each kind of failure costs in requests, with 3 tries per URL: an answer that says the file
+# is not there (4xx) or a file that is the wrong thing is final for that URL; network trouble (a
+# transfer cut short, a server error) is worth trying again, after a growing pause.
+DOWNLOAD_CASES = {
+    # name: (serve kwargs, requests made to that URL)
+    "404": ({"body": b"not here", "status": 404}, 1),
+    "403": ({"body": b"forbidden", "status": 403}, 1),
+    "503": ({"body": b"busy", "status": 503}, 3),
+    "cut short (Content-Length)": ({"body": GOOD_ZIP[:_half], "length": len(GOOD_ZIP)}, 3),
+    "cut short (chunked)": ({"body": GOOD_ZIP, "chunked_cut": True}, 3),
+    "not a zip": ({"body": b"<html>a login page</html>"}, 1),
+    "zip of something else": ({"body": make_zip({"other.txt": RAW_TEXT})}, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(DOWNLOAD_CASES))
+def test_download_asks_each_url_as_often_as_the_failure_deserves(http_server, tmp_path, case):
+    serve, asked = DOWNLOAD_CASES[case]
+    bad = http_server.serve("/first/sms.zip", **serve)
+    good = http_server.serve("/backup/sms.zip", GOOD_ZIP)
+    raw = data.fetch(cache=tmp_path / "cache", urls=[bad, good], backoff=0, retries=3,
+                     timeout=5)
+    assert raw.read_text(encoding="utf-8") == RAW_TEXT  # the backup, after the first URL
+    assert http_server.requests == ["/first/sms.zip"] * asked + ["/backup/sms.zip"]
+    assert files_in(tmp_path / "cache") == ["SMSSpamCollection"]
+
+
+def test_download_backs_off_between_tries(http_server, tmp_path):
+    url = http_server.serve("/cut", GOOD_ZIP[:_half], length=len(GOOD_ZIP))
+    backoff = 0.1
+    with pytest.raises(data.DataError, match="got .* of .* bytes"):
+        data.download_file([url], tmp_path / "x", backoff=backoff, retries=3, timeout=5)
+    assert http_server.requests == ["/cut"] * 3
+    t = http_server.times
+    gaps = [b - a for a, b in zip(t, t[1:])]
+    # a pause before each new try, doubling: backoff, then 2 x backoff (sleep waits at least that)
+    assert gaps[0] >= backoff and gaps[1] >= 2 * backoff, gaps
 
 
 def test_write_atomic_gives_files_the_usual_mode(tmp_path):

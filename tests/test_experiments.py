@@ -15,8 +15,6 @@ import pytest
 import experiments
 import finetune
 
-SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "SPEC.md"
-
 # What each row changes in finetune.TrainConfig (with the default, pretrained, weights); every
 # other field keeps finetune's default.
 EXPECTED = {
@@ -82,13 +80,36 @@ def test_the_table_holds_the_chapters_19_rows():
     assert experiments.ROWS[8][3:] == (100.00, 98.66, 98.67, 8.12)
 
 
-def test_the_table_matches_the_spec():
-    if not SPEC.is_file():
-        pytest.skip("SPEC.md is not beside the repository")
-    spec_rows = re.findall(r"^\| (\d+) \| (.+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
-                           r"([\d.]+)(?: min)? \|$", SPEC.read_text(), re.M)
-    assert len(spec_rows) == 19
-    for row, (n, change, *figures) in zip(experiments.ROWS, spec_rows):
+# The chapter's experiments table (its closing section), transcribed: change, train, validation
+# and test accuracy (%), training minutes on an A100.
+CHAPTER_TABLE = """
+| 1 | none (last token, last block trainable, padded to 120) | 96.63 | 99.33 | 95.00 | 0.28 min |
+| 2 | first token instead of last | 78.46 | 80.54 | 75.00 | 0.28 |
+| 3 | only the output layer trainable | 78.65 | 79.87 | 72.00 | 0.25 |
+| 4 | last two blocks trainable | 98.85 | 98.66 | 98.33 | 0.33 |
+| 5 | all layers trainable | 99.62 | 96.64 | 96.67 | 0.69 |
+| 6 | medium (355M) | 87.50 | 91.28 | 84.67 | 0.75 |
+| 7 | large (774M) | 99.52 | 98.66 | 96.67 | 1.50 |
+| 8 | xl (1558M) | 99.81 | 99.81 | 98.33 | 2.83 |
+| 9 | xl, all layers | 100.00 | 98.66 | 98.67 | 8.12 |
+| 10 | random weights, all layers | 100.00 | 96.64 | 93.67 | 0.69 |
+| 11 | LoRA rank 16, alpha 16 | 100.00 | 97.32 | 96.67 | 0.75 |
+| 12 | xl, LoRA rank 16, alpha 8 | 100.00 | 98.66 | 98.33 | 5.79 |
+| 13 | padded to the full context (1024) | 83.08 | 87.92 | 78.33 | 2.46 |
+| 14 | no padding, batch size 1 | 100.00 | 98.66 | 98.00 | 1.75 |
+| 15 | no padding, batch 1, gradient accumulation over 8 | 99.33 | 98.66 | 98.33 | 1.70 |
+| 16 | padded, but classify from the last non-padding token | 99.42 | 98.66 | 98.33 | 0.30 |
+| 17 | no causal mask | 99.23 | 98.66 | 95.33 | 0.29 |
+| 18 | padding ignored in the loss (ignore_index 50256) | 96.63 | 99.33 | 95.00 | 0.28 |
+| 19 | mean of all token outputs pooled into the classified position | 97.79 | 99.33 | 96.33 | 0.32 |
+"""
+
+
+def test_the_table_matches_the_chapters():
+    chapter_rows = re.findall(r"^\| (\d+) \| (.+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
+                              r"([\d.]+)(?: min)? \|$", CHAPTER_TABLE, re.M)
+    assert len(chapter_rows) == 19
+    for row, (n, change, *figures) in zip(experiments.ROWS, chapter_rows):
         assert (row.number, row.change) == (int(n), change)
         assert (row.train, row.val, row.test, row.minutes) == tuple(map(float, figures))
 

@@ -1,4 +1,5 @@
-"""What the experiments' options mean, checked on tiny models (SPEC §8's rows 11, 13-15, 18).
+"""What the experiments' options mean, checked on tiny models (the chapter's experiments table,
+rows 11, 13-15 and 18).
 
 The options' effect on the forward pass (first/last/flexible position, averaging, LoRA's start
 and merge, no causal mask) is covered in test_gpt.py. Here: what training does with them, driven
