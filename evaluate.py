@@ -79,9 +79,6 @@ class RunError(Exception):
 
 def load_run(run_dir, device):
     """(classifier, run info) from a finished run folder of finetune.py."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"--run {run_dir} is not a folder; pass a run folder made by finetune.py")
@@ -95,10 +92,9 @@ def load_run(run_dir, device):
         raise RunError(f"{run_dir / 'run.json'} is damaged ({e}); train the run again") from e
     gpt.add_classification_head(model, info["num_classes"])
     try:
-        state = load_file(str(run_dir / "model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise RunError(f"{run_dir / 'model.safetensors'} cannot be read ({e}); train the run "
-                       "again") from e
+        state = gpt.read_tensors(run_dir / "model.safetensors", fix="train the run again")
+    except gpt.WeightsError as e:
+        raise RunError(str(e)) from e
     own = model.state_dict()
     missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
     wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]

@@ -97,6 +97,28 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_in
 
 # ----------------------------------------------------------------------------- training
 
+class Diverged(Exception):
+    """Training reached a non-finite loss or weights; the message says where and what to try."""
+
+
+def diverged(what, step, epoch, cfg):
+    """Diverged for `what` (e.g. "the training loss is nan") at a step, with what to try."""
+    tips = f"a smaller --lr (now {cfg.lr:g}) or --weight-decay (now {cfg.weight_decay:g})"
+    if cfg.precision == "fp16":
+        tips += ", or --precision bf16 or fp32 (fp16 overflows where they do not)"
+    return Diverged(f"{what} at step {step} (epoch {epoch + 1}): training diverged and was "
+                    f"stopped; try {tips}")
+
+
+def check_finite_weights(model, step, epoch, cfg):
+    """Raise Diverged if a trainable weight holds NaN or inf: one device sync, so it is done
+    once per epoch, not per step."""
+    model = getattr(model, "gpt", model)  # the GPTModel under a Classifier: its own names
+    bad = gpt.nonfinite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
+    if bad:
+        raise diverged(f"the weight {bad[0]} holds NaN or infinite values", step, epoch, cfg)
+
+
 def progress(loader, epoch):
     """A progress bar over an epoch's batches, on stderr and only in a terminal (tqdm)."""
     try:
@@ -143,9 +165,14 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
                 history["val_losses"].append(val_loss)
                 print(f"Ep {epoch+1} (Step {global_step:06d}): "
                       f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}", flush=True)
+                # The losses are Python numbers already: checking them costs no device sync.
+                for name, loss in (("training", train_loss), ("validation", val_loss)):
+                    if not math.isfinite(loss) and (name == "training" or len(val_loader)):
+                        raise diverged(f"the {name} loss is {loss}", global_step, epoch, cfg)
             if cfg.max_steps is not None and global_step + 1 >= cfg.max_steps:
                 break
 
+        check_finite_weights(model, global_step, epoch, cfg)  # argmax of NaN is a number
         train_accuracy = calc_accuracy_loader(train_loader, model, device, cfg.eval_iter)
         val_accuracy = calc_accuracy_loader(val_loader, model, device, cfg.eval_iter)
         print(f"Training accuracy: {train_accuracy*100:.2f}% | ", end="")
@@ -262,10 +289,11 @@ def check_config(cfg):
             raise ValueError(f"--{name.replace('_', '-')} must be 1 or more")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ValueError("--max-steps must be 1 or more")
-    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
+    big = torch.finfo(torch.float32).max  # the optimizer computes in float32
+    if not 0 < cfg.lr < big:
         raise ValueError("--lr must be a positive number")
-    if cfg.weight_decay < 0:
-        raise ValueError("--weight-decay must be 0 or more")
+    if not 0 <= cfg.weight_decay < big:
+        raise ValueError("--weight-decay must be a finite number, 0 or more")
     if cfg.context_length not in ("longest", "model") and not cfg.context_length.isdigit():
         raise ValueError("--context-length must be longest, model or a number of tokens")
     if cfg.context_length.isdigit() and int(cfg.context_length) < 1:
@@ -494,7 +522,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except (ValueError, data.DataError, gpt.WeightsError) as e:
+    except (ValueError, data.DataError, gpt.WeightsError, Diverged) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; the run folder is left unfinished (no run.json)")

@@ -437,16 +437,36 @@ def config_from_hf(path):
         raise WeightsError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e})") from e
 
 
-def read_safetensors(path):
-    """All tensors of a safetensors file, names without any `transformer.` prefix."""
+def nonfinite(tensors):
+    """Names of the floating-point tensors in `tensors` (a dict) holding a NaN or an infinity.
+
+    One check over all of them (a single device sync), then a second pass only to name the bad."""
+    floats = {k: t for k, t in tensors.items() if t.is_floating_point() and t.numel()}
+    if not floats or torch.stack([torch.isfinite(t).all() for t in floats.values()]).all():
+        return []
+    return [k for k, t in floats.items() if not torch.isfinite(t).all()]
+
+
+def read_tensors(path, fix="delete it and download or save it again"):
+    """All tensors of a safetensors file, refused (WeightsError) where it cannot be read or a
+    tensor holds NaN or infinite values: garbage bytes under an intact header would otherwise
+    load and classify everything with NaN probabilities."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file ({e}); delete it and "
-                           "download or save it again") from e
-    return {k.removeprefix("transformer."): v for k, v in tensors.items()}
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}); {fix}") from e
+    bad = nonfinite(tensors)
+    if bad:
+        raise WeightsError(f"{path} is damaged: tensor {_names(bad, 3)} holds NaN or infinite "
+                           f"values; {fix}")
+    return tensors
+
+
+def read_safetensors(path):
+    """All tensors of a Hugging Face safetensors file, names without any `transformer.` prefix."""
+    return {k.removeprefix("transformer."): v for k, v in read_tensors(path).items()}
 
 
 def load_hf_weights(model, tensors):

@@ -291,7 +291,7 @@ def test_evaluate_refuses_bad_runs(tmp_path, finished_run):
     with pytest.raises(SystemExit, match="^error: .*do not fit"):
         evaluate.main(["--run", str(broken), "--text", "hi"])
     (broken / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="^error: .*cannot be read"):
+    with pytest.raises(SystemExit, match="^error: .*not a readable safetensors file"):
         evaluate.main(["--run", str(broken), "--text", "hi"])
 
 
