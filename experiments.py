@@ -1,6 +1,6 @@
 """The chapter's experiments table, measured: every row is one finetune.py run.
 
-    python experiments.py --rows 1,2,3,5,10 --weights random --data SMSSpamCollection --fast
+    python experiments.py --rows 1,2,3,5,10 --weights random --data SMSSpamCollection
 
 Chapter 6 closes with 19 variations of its set-up (which token is classified, which layers
 train, model size, padding, LoRA, ...) and the accuracies they reached. ROWS holds that table
@@ -281,8 +281,10 @@ def parse_args(argv=None):
                    help="holds one run folder per row (row-01, ...) and experiments.md "
                    "(default: experiments)")
     p.add_argument("--fast", action="store_true",
-                   help="finetune.py's --fast: its shortcuts give the same numbers (up to "
-                   "float rounding), much faster")
+                   help="kept for older command lines: finetune.py's exact shortcuts are on "
+                   "by default now")
+    p.add_argument("--no-shortcuts", action="store_true",
+                   help="finetune.py's --no-shortcuts: every step computes the whole model")
     p.add_argument("--precision", choices=tuple(finetune.PRECISIONS),
                    help="fp32 (finetune's default), bf16 or fp16 (CUDA) autocast")
     p.add_argument("--epochs", type=int, help="passes over the training set for every row "
@@ -311,7 +313,7 @@ def plan(args):
     for name in ("data", "precision", "epochs", "max_steps"):
         if getattr(args, name) is not None:
             extra += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    extra += ["--fast"] * args.fast + ["--overwrite"] * args.rerun
+    extra += ["--no-shortcuts"] * args.no_shortcuts + ["--overwrite"] * args.rerun
     configs = {}
     for n in numbers:
         folder = Path(args.output_dir) / f"row-{n:02d}"

@@ -1,7 +1,7 @@
 """Fine-tune GPT-2 to classify SMS messages as spam or not spam: chapter 6's run, end to end.
 
     python finetune.py                       # the chapter's run: GPT-2 small, 5 epochs
-    python finetune.py --device cuda --fast --precision bf16
+    python finetune.py --device cuda --precision bf16
     python finetune.py --weights random --data SMSSpamCollection --max-steps 20   # offline
 
 It prints what the chapter prints (the same losses and accuracies, given the same weights), and
@@ -55,10 +55,11 @@ class TrainConfig:
     accumulation_steps: int = 1
     disable_causal_mask: bool = False
     ignore_index: int = -100
-    fast: bool = False
+    fast: bool = True  # the exact shortcuts (--no-shortcuts turns them off)
     precision: str = "fp32"
     plain: bool = False
     initial_eval: bool = True
+    trunk_cache_gb: float = None  # the frozen-trunk cache's memory cap; None: a quarter of RAM
 
 
 # ----------------------------------------------------------------------------- loss, evaluation
@@ -301,29 +302,61 @@ def check_config(cfg):
     if cfg.no_padding and cfg.batch_size != 1:
         raise ValueError("--no-padding needs --batch-size 1 (texts of different lengths cannot "
                          "share a batch); use --accumulation-steps K to average over K texts")
+    if cfg.trunk_cache_gb is not None and not cfg.trunk_cache_gb >= 0:
+        raise ValueError("--trunk-cache-gb must be 0 (no cache) or more")
     if cfg.average_embeddings and cfg.token_position != "last":
         raise ValueError("--average-embeddings pools every position; drop --token-position")
 
 
-def build_classifier(model, cfg, device):
-    """Wrap the set-up model with the run's choices; --fast adds the exact shortcuts."""
+def shortcuts_on(cfg):
+    """Whether the run takes the exact shortcuts: by default, unless --no-shortcuts or --plain
+    (the chapter's computation step by step)."""
+    return cfg.fast and not cfg.plain
+
+
+def build_classifier(model, cfg, device, on_full=None):
+    """Wrap the set-up model with the run's choices, and the exact shortcuts unless they are off:
+    the frozen-trunk cache (`gpt.TrunkCache`) and the last block at the classified position only
+    (`gpt.block_at`). Returns (classifier, note): the note says why the cache is off, or None."""
     trunk, note = None, None
-    if cfg.fast and not cfg.average_embeddings:
+    if shortcuts_on(cfg):
+        max_bytes = None if cfg.trunk_cache_gb is None else int(cfg.trunk_cache_gb * 2**30)
         try:
-            trunk = gpt.TrunkCache(model)
+            if max_bytes == 0:
+                raise ValueError("--trunk-cache-gb 0")
+            trunk = gpt.TrunkCache(model, pad_id=data.PAD_ID, max_bytes=max_bytes,
+                                   on_full=on_full)
         except ValueError as e:
             note = f"frozen-trunk cache off: {e}"
     classifier = gpt.Classifier(model, position=cfg.token_position,
-                                average=cfg.average_embeddings, tail=cfg.fast, trunk=trunk,
-                                autocast_dtype=PRECISIONS[cfg.precision])
+                                average=cfg.average_embeddings, tail=shortcuts_on(cfg),
+                                trunk=trunk, autocast_dtype=PRECISIONS[cfg.precision])
     return classifier, note
+
+
+def describe_shortcuts(classifier, optimizer, cfg):
+    """The log's line saying which exact shortcuts the run takes."""
+    if not shortcuts_on(cfg):
+        return f"Shortcuts: off ({'--plain' if cfg.plain else '--no-shortcuts'})"
+    on = []
+    trunk = classifier.trunk
+    if trunk is not None:
+        blocks = f"{trunk.n_blocks} frozen block{'s' * (trunk.n_blocks != 1)}"
+        on.append(f"frozen-trunk cache (embeddings + {blocks}, stored in "
+                  f"{cfg.precision}, up to {trunk.max_bytes / 2**30:.1f} GiB)")
+    if not cfg.average_embeddings:
+        on.append("last block at the classified position only")
+    if optimizer.defaults.get("fused"):
+        on.append("fused AdamW")
+    return ("Shortcuts (exact up to float rounding; --no-shortcuts turns them off): "
+            + (", ".join(on) or "none apply"))
 
 
 def build_optimizer(model, cfg, device):
     """AdamW over all parameters, as the chapter does (frozen ones get no gradient, so AdamW
-    leaves them be). --fast uses one fused kernel for the whole update: the same formula,
-    rounded differently, and on a CPU about 5x quicker than the default loop over tensors."""
-    fused = cfg.fast and device.type in ("cpu", "cuda") or None
+    leaves them be). With the shortcuts on, one fused kernel does the whole update: the same
+    formula, rounded differently, and on a CPU about 5x quicker than the loop over tensors."""
+    fused = shortcuts_on(cfg) and device.type in ("cpu", "cuda") or None
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                              fused=fused)
 
@@ -339,8 +372,7 @@ def run(cfg):
     start = time.time()
     with open(out / "log.txt", "w", encoding="utf-8") as log, \
             contextlib.redirect_stdout(Tee(sys.stdout, log)):
-        print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision}"
-              f"{', fast' if cfg.fast else ''})")
+        print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision})")
 
         # 1. Data: the balanced split, tokenized; max_length from the training set.
         splits = data.make_splits(data.load_rows(cfg.data))
@@ -400,12 +432,13 @@ def run(cfg):
                 print(f"{split_name} loss: {loss:.3f}")
 
         # 5. Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
-        classifier, note = build_classifier(model, cfg, device)
-        if note:
-            print(note)
+        classifier, note = build_classifier(model, cfg, device, on_full=print)
         start_time = time.time()
         torch.manual_seed(cfg.seed)
         optimizer = build_optimizer(model, cfg, device)
+        print(describe_shortcuts(classifier, optimizer, cfg))
+        if note:
+            print(note)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         history = train(classifier, loaders, optimizer, cfg, device, scaler)
         if device.type == "cuda":
@@ -459,7 +492,7 @@ def device_name(device):
 def parse_args(argv=None):
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Fine-tune GPT-2 as a spam classifier, exactly as "
-                                "chapter 6 does (sections 6.4-6.8), or faster with --fast.")
+                                "chapter 6 does (sections 6.4-6.8), by default through exact shortcuts.")
     a = p.add_argument
     a("--data", metavar="PATH", help="the raw SMSSpamCollection file or its zip; no network is "
       "used (default: download once from UCI into the cache)")
@@ -505,8 +538,13 @@ def parse_args(argv=None):
       help="let every position attend to every other, later ones included")
     a("--ignore-index", type=int, default=d.ignore_index,
       help="label id the loss ignores (default: -100, none; the chapter's experiment uses 50256)")
-    a("--fast", action="store_true", help="exact shortcuts: cache the frozen blocks' outputs "
-      "and run the last block only at the classified position (same numbers, much faster)")
+    a("--fast", action="store_true", default=True, help="the exact shortcuts, on by default "
+      "(kept for older command lines): cache the frozen blocks' outputs, run the last block "
+      "at the classified position only, fused AdamW")
+    a("--no-shortcuts", "--no-fast", dest="fast", action="store_false", help="turn the exact shortcuts off, "
+      "keeping the fused kernels: every step computes the whole model, as the chapter does")
+    a("--trunk-cache-gb", type=float, metavar="X", help="memory cap of the frozen-trunk cache in "
+      "GiB; 0 turns the cache off (default: a quarter of the machine's memory)")
     a("--precision", default=d.precision, choices=tuple(PRECISIONS),
       help="fp32 (default, the chapter's), bf16 autocast (CPU and GPU) or fp16 autocast with "
       "gradient scaling (CUDA)")

@@ -295,15 +295,98 @@ def token_positions(in_idx, position="last", pad_id=PAD_ID):
     raise ValueError(f"position must be last, first or flexible, not {position!r}")
 
 
+def _weight_bias(linear):
+    """(weight, bias) of an nn.Linear, or the effective ones of a LoRALinear (W + alpha (A B)^T,
+    differentiable in A and B), so that F.linear(x, *_weight_bias(m)) computes m(x)."""
+    if isinstance(linear, LoRALinear):
+        return (linear.base.weight + linear.alpha * (linear.A @ linear.B).T, linear.base.bias)
+    return linear.weight, linear.bias
+
+
+def _normalised(norm, x):
+    """A LayerNorm's input normalised, before its scale and shift: (x - mean) / sqrt(var + eps)."""
+    if norm.plain:
+        mean = x.mean(dim=-1, keepdim=True)
+        return (x - mean) / torch.sqrt(x.var(dim=-1, keepdim=True, unbiased=False) + norm.eps)
+    return F.layer_norm(x, x.shape[-1:], eps=norm.eps)
+
+
+def block_at(block, x, pos):
+    """A TransformerBlock's output at one position per row, (B, E), from its input (B, T, E).
+
+    The same function as `block(x)[rows, pos]`, re-associated so that no key or value is formed:
+    with xhat the first layer norm's normalised input, g and b its scale and shift, and q_h the
+    query of head h at the classified position,
+        score_h(t)  = xhat_t . (g * W_k^h^T q_h) / sqrt(d) + q_h . (W_k^h b + b_k^h) / sqrt(d)
+                      (the second term is constant in t: the softmax cancels it)
+        context_h   = ((sum_t p_h(t) xhat_t) * g + b) W_v^h^T + b_v^h   (the p_h(t) sum to 1).
+    That costs O(T E H) per example instead of the O(T E^2) of keys and values at every
+    position; autograd gives every gradient through these products. LoRA-wrapped projections
+    enter with their effective weights. With dropout active (training, drop_rate > 0) the block
+    runs as written.
+    """
+    att = block.att
+    if block.training and (att.dropout.p > 0 or block.drop_shortcut.p > 0):
+        return block(x, query_pos=pos)[:, 0]
+    bsz, num_tokens, emb = x.shape
+    heads, hs = att.num_heads, att.head_dim
+    rows = torch.arange(bsz, device=x.device)
+    g, b = block.norm1.scale, block.norm1.shift
+    w_q, b_q = _weight_bias(att.W_query)
+    w_k, b_k = _weight_bias(att.W_key)
+    w_v, b_v = _weight_bias(att.W_value)
+    xhat = _normalised(block.norm1, x)  # (B, T, E)
+    query = F.linear(xhat[rows, pos] * g + b, w_q, b_q).view(bsz, heads, hs)  # (B, nh, hs)
+    u = torch.einsum("bhd,hde->bhe", query, w_k.view(heads, hs, emb)) * (g / hs**0.5)
+    scores = torch.einsum("bhe,bte->bht", u, xhat)  # (B, nh, T)
+    # The terms constant in t (the keys' share of the shift b and the key bias) change no
+    # weight, but they are kept so that every parameter gets the gradient the block gives it
+    # (for b_k a float-rounding zero, which AdamW then treats as the chapter's code does).
+    shift = F.linear(b, w_k, b_k).view(heads, hs)  # (nh, hs)
+    scores = scores + (query * shift).sum(-1, keepdim=True) / hs**0.5
+    if att.causal:  # position p sees keys 0..p
+        cols = torch.arange(num_tokens, device=x.device)
+        scores = scores.masked_fill((cols[None, :] > pos[:, None])[:, None, :], -torch.inf)
+    weights = torch.softmax(scores, dim=-1)
+    mixed = torch.einsum("bht,bte->bhe", weights, xhat) * g + b  # (B, nh, E)
+    context = torch.einsum("bhe,hde->bhd", mixed, w_v.view(heads, hs, emb))  # (B, nh, hs)
+    if b_v is not None:
+        context = context + b_v.view(heads, hs)
+    h = att.out_proj(context.reshape(bsz, emb)) + x[rows, pos]  # (B, E)
+    return h + block.ff(block.norm2(h))
+
+
+def default_cache_bytes(device=None):
+    """The trunk cache's default memory cap: a quarter of the device's memory (RAM on a CPU)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return 4 * 2**30
+
+
 class TrunkCache:
     """Outputs of the model's frozen leading part (embeddings + first k blocks), per example.
 
     With dropout off and those weights frozen, that part's output depends on the token ids alone,
     so it is computed once per distinct example (lazily, when first seen) and reused by every
     later step and evaluation. Refused when dropout is on; raises if a cached weight changes.
+
+    Under the causal mask a row's outputs at its first L positions do not depend on what follows
+    them, so with right padding (`pad_id`) an example is keyed by its ids without the trailing
+    padding: the same text padded to 120 and to 90 tokens shares one entry (the longest padding
+    seen is kept; a shorter one reads its prefix). Without the causal mask the whole padded row
+    is the key. Entries are stored in the dtype the fill computes in (bf16 under bf16 autocast)
+    and handed back in the model's dtype. `max_bytes` caps the store (default: a quarter of the device's
+    memory); past it, new examples are computed each time they are read, and `on_full` (if
+    given) is called once with a message saying so. Under autocast the frozen linear layers'
+    weights are cast once, on the first fill, instead of on every call (`cast_weights=False`
+    leaves that to autocast, for the benchmarks).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, pad_id=PAD_ID, max_bytes=None, on_full=None, cast_weights=True):
         if model.cfg.drop_rate != 0:
             raise ValueError("the frozen-trunk cache needs drop_rate 0: with dropout the "
                              "frozen blocks' outputs are random")
@@ -318,27 +401,101 @@ class TrunkCache:
             self.n_blocks += 1
         if any(isinstance(m, LoRALinear) for b in frozen for m in b.modules()):
             raise ValueError("the frozen-trunk cache cannot cover LoRA-wrapped layers")
-        self.model = model
+        self.model, self.pad_id = model, pad_id
         self.params = [p for m in frozen for p in m.parameters()]
         self.versions = [p._version for p in self.params]  # bumped by every in-place change
-        self.store = {}
+        self.store = {}  # key -> the cached part's output for that example, (T', E)
+        self.max_bytes = default_cache_bytes(self.params[0].device) if max_bytes is None \
+            else max_bytes
+        self.bytes, self.uncached, self.on_full = 0, set(), on_full
+        self.cast_weights, self._cast = cast_weights, {}  # dtype -> per block {name: weight}
 
-    def __call__(self, in_idx):
-        """Token ids (B, T) -> the output of the cached part, (B, T, E)."""
+    @property
+    def causal(self):
+        return all(block.att.causal for block in self.model.trf_blocks[:self.n_blocks])
+
+    @property
+    def partial(self):
+        """Whether some example went unstored for want of room."""
+        return bool(self.uncached)
+
+    def key(self, row):
+        """The store's key of one row of token ids (a numpy array)."""
+        if self.causal:  # drop the trailing padding: a shorter padding is a prefix of a longer
+            real = (row != self.pad_id).nonzero()[0]
+            row = row[:real[-1] + 1] if len(real) else row[:0]
+        return row.tobytes()
+
+    def _check(self):
         if any(p.requires_grad for p in self.params) or \
                 [p._version for p in self.params] != self.versions:
             raise RuntimeError("a weight under the frozen-trunk cache was unfrozen or changed; "
                                "the cached outputs are stale")
-        keys = [row.tobytes() for row in in_idx.cpu().numpy()]
-        missing = [i for i, k in enumerate(keys) if k not in self.store]
-        if missing:
-            with torch.no_grad():
-                x = self.model.embed(in_idx[missing])
-                for block in self.model.trf_blocks[:self.n_blocks]:
+
+    def _cast_blocks(self, dtype):
+        """Per cached block, its linear layers' weights and biases cast to `dtype`, once."""
+        if dtype not in self._cast:
+            self._cast[dtype] = [
+                {name: p.detach().to(dtype) for name, p in block.named_parameters()
+                 if not name.startswith("norm")}
+                for block in self.model.trf_blocks[:self.n_blocks]]
+        return self._cast[dtype]
+
+    def compute(self, in_idx):
+        """The cached part's output for token ids (B, T), computed now (nothing stored)."""
+        self._check()
+        device = in_idx.device.type
+        blocks = self.model.trf_blocks[:self.n_blocks]
+        with torch.no_grad():
+            x = self.model.embed(in_idx)
+            if torch.is_autocast_enabled(device) and self.cast_weights and len(blocks):
+                # The linear weights autocast would cast on every call, cast once: the same
+                # numbers (casting is exact and deterministic), without the repeated work.
+                from torch.func import functional_call
+                cast = self._cast_blocks(torch.get_autocast_dtype(device))
+                for block, weights in zip(blocks, cast):
+                    x = functional_call(block, weights, (x,), strict=False)
+            else:
+                for block in blocks:
                     x = block(x)
-            for i, row in zip(missing, x):
-                self.store[keys[i]] = row
-        return torch.stack([self.store[k] for k in keys])
+        return x
+
+    def __call__(self, in_idx):
+        """Token ids (B, T) -> the output of the cached part, (B, T, E), in the model's dtype."""
+        self._check()
+        num_tokens = in_idx.shape[1]
+        keys = [self.key(row) for row in in_idx.cpu().numpy()]
+        rows, missing = [None] * len(keys), []
+        for i, k in enumerate(keys):
+            hit = self.store.get(k)
+            if hit is not None and len(hit) >= num_tokens:
+                rows[i] = hit[:num_tokens]
+            else:
+                missing.append(i)
+        if missing:
+            computed = self.compute(in_idx[missing])
+            device = in_idx.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+                else computed.dtype
+            for i, row in zip(missing, computed):  # read as later reads will read it
+                rows[i] = row.to(dtype)
+                self._put(keys[i], rows[i])
+        return torch.stack(rows).to(self.params[0].dtype)  # the model's dtype
+
+    def _put(self, key, value):
+        size = value.numel() * value.element_size()
+        old = self.store.get(key)
+        held = 0 if old is None else old.numel() * old.element_size()
+        if self.bytes - held + size > self.max_bytes:
+            if not self.uncached and self.on_full is not None:
+                self.on_full(f"frozen-trunk cache partial: full at {self.bytes / 2**20:,.0f} MiB "
+                             f"({len(self.store):,} examples); further new examples are "
+                             "computed each time they are read (--trunk-cache-gb raises the cap)")
+            self.uncached.add(key)
+            return
+        self.store[key] = value.clone()  # a view would keep the whole batch's tensor alive
+        self.bytes += size - held
+        self.uncached.discard(key)
 
 
 def classify_logits(model, in_idx, position="last", average=False, pad_id=PAD_ID,
@@ -347,8 +504,8 @@ def classify_logits(model, in_idx, position="last", average=False, pad_id=PAD_ID
 
     The chapter's `model(in_idx)[:, -1, :]` by default. `average` classifies the mean of all
     positions' outputs. Two exact shortcuts: `trunk` (a TrunkCache) supplies the frozen part's
-    output; `tail` runs the last block only at the classified position (it still needs keys and
-    values at every position), since no other position of its output is read.
+    output; `tail` runs the last block only at the classified position (`block_at`: in O(T E H),
+    no keys or values formed), since no other position of its output is read.
     """
     if trunk is not None:
         x, blocks = trunk(in_idx), model.trf_blocks[trunk.n_blocks:]
@@ -358,7 +515,7 @@ def classify_logits(model, in_idx, position="last", average=False, pad_id=PAD_ID
         return model.out_head(model.final_norm(blocks(x))).mean(dim=1)
     pos = token_positions(in_idx, position, pad_id)
     if tail and len(blocks):
-        x = blocks[-1](blocks[:-1](x), query_pos=pos)[:, 0]  # (B, E)
+        x = block_at(blocks[-1], blocks[:-1](x), pos)  # (B, E)
     else:
         x = blocks(x)[torch.arange(len(x), device=x.device), pos]  # (B, E)
     return model.out_head(model.final_norm(x))

@@ -148,8 +148,11 @@ def test_command_line_shows_the_flags_that_differ_from_the_default():
     cfg = experiments.row_config(12, "random", ["--fast", "--precision", "bf16", "--device",
                                                 "cpu", "--no-initial-eval", "--data", "x"])
     line = experiments.command_line(asdict(cfg))
-    assert line == ("--weights random-xl --trainable-layers lora --lora-alpha 8 --fast "
-                    "--precision bf16")
+    assert line == ("--weights random-xl --trainable-layers lora --lora-alpha 8 "
+                    "--precision bf16")  # --fast: the default now
+    assert experiments.command_line(asdict(experiments.row_config(1, "random", [
+        "--no-shortcuts"]))) == "--weights random --no-fast"
+    assert not finetune.parse_args(["--no-fast"]).fast
     assert finetune.parse_args(line.split()) == finetune.parse_args(
         ["--weights", "random-xl", "--trainable-layers", "lora", "--lora-rank", "16",
          "--lora-alpha", "8", "--fast", "--precision", "bf16"])  # reproduces the run
@@ -298,7 +301,7 @@ def test_a_finished_row_with_other_settings_is_not_kept_silently(
         copy_of_two_rows, counted_runs, tiny_weights, raw_path):
     out = copy_of_two_rows
     with pytest.raises(SystemExit) as e:
-        experiments.main(argv(out, tiny_weights, raw_path, "1", "--fast"))
+        experiments.main(argv(out, tiny_weights, raw_path, "1", "--no-shortcuts"))
     message = str(e.value)
     assert message.startswith("error: row 1 ") and "other settings" in message
     assert "--rerun" in message and counted_runs == []
@@ -358,8 +361,8 @@ def test_the_header_says_when_rows_used_random_weights(tmp_path):
     md = experiments.table(tmp_path, [1, 6, 10])
     assert "**Random weights:** rows 1, 6 were trained from randomly initialised weights" in md
     rows = table_rows(md)
-    assert rows[6][2] == "`--weights random-medium --fast`"
-    assert rows[10][2] == "`--weights random --trainable-layers all --fast`"
+    assert rows[6][2] == "`--weights random-medium`"  # --fast: the default now
+    assert rows[10][2] == "`--weights random --trainable-layers all`"
     assert rows[1][3:8] == ["50.00", "25.00", "100.00", "12.35", "cpu (x86_64)"]
     assert "Random weights" not in experiments.table(tmp_path / "empty", [1, 10])
 

@@ -338,7 +338,8 @@ def test_dropped_examples_are_the_ones_the_pass_leaves_out(real_data):
 
 def comparable_lines(out):
     """The printed log without what may differ between equal runs: folder, mode, times, notes."""
-    skip = ("Run folder:", "Training completed in", "Saved the fine-tuned model", "frozen-trunk")
+    skip = ("Run folder:", "Training completed in", "Saved the fine-tuned model", "frozen-trunk",
+            "Shortcuts")
     return [line for line in out.splitlines() if not line.startswith(skip)]
 
 
@@ -363,9 +364,9 @@ def test_fast_and_plain_print_the_same_log(tmp_path, tiny_weights, real_data, ca
                            "--output-dir", tmp_path / "-".join(extra or ["exact"]),
                            "--epochs", 2, "--eval-freq", 25, *extra)
         return comparable_lines(out)
-    exact = log()
+    exact = log("--no-shortcuts")
     assert sum(bool(EP_LINE.match(line) or ACC_LINE.match(line)) for line in exact) == 13
-    assert_same_log(log("--fast"), exact)
+    assert_same_log(log(), exact)  # the shortcuts are on by default
     assert_same_log(log("--plain"), exact)
 
 

@@ -1,0 +1,337 @@
+"""The speed levers that are on by default: each computes what the chapter's model computes.
+
+- `gpt.block_at`: the last block at the classified position, re-associated (no keys or values),
+  checked in float64 against the whole block, logits and every gradient;
+- `gpt.TrunkCache`: keyed by the text without its trailing padding, capped in memory, stored in
+  the run's precision, its frozen weights cast once under autocast;
+- finetune.py: the shortcuts on by default, the log saying which, `--no-shortcuts` and
+  `--plain` turning them off, `--trunk-cache-gb`.
+"""
+
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import finetune
+import gpt
+
+PAD = 0  # the tiny vocabulary's pad id
+CFG = gpt.GPTConfig(vocab_size=50, context_length=24, emb_dim=32, n_heads=4, n_layers=3)
+F64 = dict(rtol=1e-10, atol=1e-12)
+F32 = dict(rtol=1e-4, atol=1e-5)
+
+
+def noisy_model(cfg=CFG, trainable="last_block", seed=0, plain=False, dtype=torch.float64):
+    """A classifier whose every weight (layer-norm scales and shifts, all biases) is random."""
+    torch.manual_seed(seed)
+    model = gpt.GPTModel(cfg, plain=plain)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    gpt.setup_classifier(model, 3, trainable, lora_rank=4, lora_alpha=2.0)
+    if trainable == "lora":  # B starts at zero: give the update a value to be checked
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, gpt.LoRALinear):
+                    m.B.normal_(0, 0.1)
+    return model.to(dtype).eval()
+
+
+def padded(lengths, total, seed=1, vocab=CFG.vocab_size):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.full((len(lengths), total), PAD)
+    for i, n in enumerate(lengths):
+        x[i, :n] = torch.randint(1, vocab, (n,), generator=gen)
+    return x
+
+
+def grads_of(model, logits_fn, x, weights):
+    model.zero_grad(set_to_none=True)
+    logits = logits_fn(model, x)
+    (logits * weights).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- block_at
+
+@pytest.mark.parametrize("plain", [False, True], ids=["fused", "plain"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "no-mask"])
+@pytest.mark.parametrize("position", ["last", "first", "flexible"])
+@pytest.mark.parametrize("trainable", ["last_block", "last_two_blocks", "all", "lora"])
+def test_block_at_equals_the_whole_block_in_float64(trainable, position, causal, plain):
+    """Logits and every trainable parameter's gradient, tail vs the whole model, in float64; with
+    the trunk cache where it applies and without it (all, LoRA: no cache or embeddings only)."""
+    model = noisy_model(replace(CFG, causal=causal), trainable, plain=plain)
+    x = padded([12, 7, 1, 10], 12)
+    weights = torch.randn(len(x), 3, dtype=torch.float64)
+    rows = torch.arange(len(x))
+    pos = gpt.token_positions(x, position, PAD)
+
+    def whole(m, ids):
+        return m(ids)[rows, pos]
+
+    expected, expected_grads = grads_of(model, whole, x, weights)
+    # (the key bias never moves a softmax; nor do queries and keys where position 0, the only
+    # one it sees, is classified)
+    still = ("W_key.", "W_query.") if position == "first" and causal else ("W_key.bias",)
+    assert all(g.abs().sum() > 0 for n, g in expected_grads.items()
+               if not any(s in n for s in still))
+    trunks = [None]
+    try:
+        trunks.append(gpt.TrunkCache(model, pad_id=PAD))
+    except ValueError:
+        assert trainable == "all"
+    for trunk in trunks:
+        def tail(m, ids):
+            return gpt.classify_logits(m, ids, position, pad_id=PAD, tail=True, trunk=trunk)
+        got, got_grads = grads_of(model, tail, x, weights)
+        assert_close(got, expected, **F64)
+        assert got_grads.keys() == expected_grads.keys()
+        for name, g in expected_grads.items():  # the key bias's gradient is a rounding zero
+            assert_close(got_grads[name], g, msg=name, **F64)
+
+
+def test_block_at_matches_the_block_at_every_position():
+    model = noisy_model()
+    block = model.trf_blocks[-1]
+    x = torch.randn(3, 9, CFG.emb_dim, dtype=torch.float64)
+    with torch.no_grad():
+        full = block(x)
+        for p in range(9):
+            pos = torch.full((3,), p)
+            assert_close(gpt.block_at(block, x, pos), full[:, p], **F64)
+        mixed = torch.tensor([8, 0, 4])
+        assert_close(gpt.block_at(block, x, mixed), full[torch.arange(3), mixed], **F64)
+
+
+def test_block_at_forms_no_keys_or_values():
+    """The point of the re-association: the key and value projections never see the T positions
+    (their weights enter only through products with one query per head)."""
+    model = noisy_model(dtype=torch.float32)
+    block, seen = model.trf_blocks[-1], []
+    for name in ("W_key", "W_value"):
+        getattr(block.att, name).register_forward_hook(lambda *a, name=name: seen.append(name))
+    x = torch.randn(2, 10, CFG.emb_dim)
+    gpt.block_at(block, x, torch.tensor([9, 3]))
+    assert seen == []
+    block(x)
+    assert seen == ["W_key", "W_value"]
+
+
+def test_block_at_in_bf16_stays_close():
+    model = noisy_model(dtype=torch.float32)
+    x = padded([12, 7, 1, 10], 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)[:, -1].float()
+        got = gpt.classify_logits(model, x, pad_id=PAD, tail=True).float()
+    assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
+def test_block_at_with_dropout_in_training_runs_the_block_as_written():
+    model = noisy_model(replace(CFG, drop_rate=0.5), dtype=torch.float32).train()
+    block = model.trf_blocks[-1]
+    x, pos = torch.randn(2, 6, CFG.emb_dim), torch.tensor([5, 2])
+    torch.manual_seed(3)
+    got = gpt.block_at(block, x, pos)
+    torch.manual_seed(3)
+    assert torch.equal(got, block(x, query_pos=pos)[:, 0])
+
+
+# ----------------------------------------------------------------------------- TrunkCache
+
+def test_the_cache_keys_a_text_without_its_trailing_padding():
+    model = noisy_model(dtype=torch.float32)
+    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    short, long = padded([6, 3], 10), padded([6, 3], 20)
+    assert torch.equal(short, long[:, :10])
+    with torch.no_grad():
+        reference = trunk.compute(long)
+        assert_close(trunk(short), reference[:, :10], **F32)
+        assert len(trunk.store) == 2 and all(len(v) == 10 for v in trunk.store.values())
+        # the longer padding is computed and replaces the entries; the shorter reads a prefix
+        assert_close(trunk(long), reference, **F32)
+        assert len(trunk.store) == 2 and all(len(v) == 20 for v in trunk.store.values())
+        before = trunk.compute
+        trunk.compute = None  # from here on, nothing may be computed
+        assert_close(trunk(short), reference[:, :10], **F32)
+        assert_close(trunk(padded([6, 3], 15)), reference[:, :15], **F32)
+        trunk.compute = before
+
+
+def test_rows_that_differ_only_in_their_last_tokens_are_different_entries():
+    model = noisy_model(dtype=torch.float32)
+    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    base = padded([8], 10)[0]
+    rows = [base.clone() for _ in range(4)]
+    rows[1][7] = (base[7] % (CFG.vocab_size - 1)) + 1  # the last real token differs
+    rows[2][8] = 5  # one more real token where the others have padding
+    rows[3][9] = 7  # a real token after padding: not padding at the end
+    x = torch.stack(rows)
+    with torch.no_grad():
+        got = trunk(x)
+        assert len(trunk.store) == 4
+        assert_close(got, trunk.compute(x), **F32)
+        again = trunk(x.flip(0))  # read back, in another order
+    assert_close(again, got.flip(0), **F32)
+    assert (got[0, 7] - got[1, 7]).abs().max() > 1e-3
+
+
+def test_without_the_causal_mask_the_whole_padded_row_is_the_key():
+    model = noisy_model(replace(CFG, causal=False), dtype=torch.float32)
+    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    short, long = padded([6, 3], 10), padded([6, 3], 20)
+    with torch.no_grad():
+        a, b = trunk(short), trunk(long)
+        assert len(trunk.store) == 4  # padding is seen by every position: other outputs
+        assert (a - b[:, :10]).abs().max() > 1e-4
+        assert_close(a, trunk.compute(short), **F32)
+
+
+def test_a_full_cache_computes_the_rest_and_says_so_once():
+    model = noisy_model(dtype=torch.float32)
+    per_example = 10 * CFG.emb_dim * 4  # float32
+    messages = []
+    trunk = gpt.TrunkCache(model, pad_id=PAD, max_bytes=3 * per_example,
+                           on_full=messages.append)
+    x = padded([9, 8, 7, 6, 5], 10)
+    with torch.no_grad():
+        got = trunk(x)
+        assert_close(got, trunk.compute(x), **F32)
+        assert len(trunk.store) == 3 and trunk.bytes == 3 * per_example and trunk.partial
+        trunk(padded([4, 3], 10, seed=5))
+    assert len(messages) == 1 and "partial" in messages[0] and "--trunk-cache-gb" in messages[0]
+    assert trunk.bytes <= trunk.max_bytes
+
+
+def test_the_default_cap_is_a_quarter_of_the_machine():
+    import os
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert gpt.default_cache_bytes() == total // 4
+    assert gpt.TrunkCache(noisy_model(dtype=torch.float32)).max_bytes == total // 4
+
+
+def test_under_bf16_autocast_the_cache_stores_bf16_and_casts_the_weights_once():
+    model = noisy_model(dtype=torch.float32)
+    x = padded([12, 7, 1, 10], 12)
+    once = gpt.TrunkCache(model, pad_id=PAD)
+    each_call = gpt.TrunkCache(model, pad_id=PAD, cast_weights=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = once(x), each_call(x)
+        plain = model.embed(x)
+        for block in model.trf_blocks[:once.n_blocks]:
+            plain = block(plain)
+    # Casting a weight is exact: cast once or by autocast, the same numbers.
+    assert torch.equal(a, b) and torch.equal(a, plain.to(torch.bfloat16).float())
+    assert a.dtype == torch.float32
+    assert {v.dtype for v in once.store.values()} == {torch.bfloat16}
+    assert list(once._cast) == [torch.bfloat16] and each_call._cast == {}
+    cast = once._cast[torch.bfloat16]
+    assert len(cast) == once.n_blocks and all(
+        w.dtype == torch.bfloat16 for weights in cast for w in weights.values())
+    # fp32 runs store fp32
+    fp32 = gpt.TrunkCache(model, pad_id=PAD)
+    with torch.no_grad():
+        fp32(x)
+    assert {v.dtype for v in fp32.store.values()} == {torch.float32}
+
+
+def test_a_changed_weight_is_caught_after_the_cast_too():
+    model = noisy_model(dtype=torch.float32)
+    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    x = padded([5, 3], 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trunk(x)
+        model.trf_blocks[0].att.W_query.weight.add_(1.0)
+        with pytest.raises(RuntimeError, match="stale"):
+            trunk(padded([4], 8, seed=9))
+
+
+# ----------------------------------------------------------------------------- finetune.py
+
+def run_log(tmp_path, tiny_weights, raw_path, name, *extra):
+    finetune.main(["--weights", str(tiny_weights), "--data", str(raw_path), "--output-dir",
+                   str(tmp_path / name), "--max-steps", "3", "--eval-freq", "2",
+                   "--no-initial-eval", *map(str, extra)])
+    return (tmp_path / name / "log.txt").read_text()
+
+
+def shortcut_line(log):
+    return next(line for line in log.splitlines() if line.startswith("Shortcuts"))
+
+
+def test_the_shortcuts_are_on_by_default_and_the_log_says_which(tmp_path, tiny_weights,
+                                                                raw_path):
+    assert finetune.TrainConfig().fast and finetune.parse_args([]).fast
+    log = run_log(tmp_path, tiny_weights, raw_path, "default")
+    line = shortcut_line(log)
+    assert "frozen-trunk cache (embeddings + 1 frozen block, stored in fp32" in line
+    assert "last block at the classified position only" in line and "fused AdamW" in line
+    assert "--no-shortcuts" in line and "cache off" not in log and "partial" not in log
+
+
+@pytest.mark.parametrize("flag", ["--no-shortcuts", "--plain"])
+def test_no_shortcuts_and_plain_turn_them_off(tmp_path, tiny_weights, raw_path, flag):
+    cfg = finetune.parse_args([flag])
+    assert not finetune.shortcuts_on(cfg)
+    model = noisy_model(dtype=torch.float32)
+    classifier, note = finetune.build_classifier(model, cfg, torch.device("cpu"))
+    assert classifier.trunk is None and not classifier.tail and note is None
+    assert finetune.build_optimizer(model, cfg, torch.device("cpu")).defaults["fused"] is None
+    assert shortcut_line(run_log(tmp_path, tiny_weights, raw_path, "off", flag)) == \
+        f"Shortcuts: off ({flag})"
+
+
+def test_no_shortcuts_keeps_the_fused_kernels(tmp_path, tiny_weights, raw_path, monkeypatch):
+    built = []
+    load = gpt.load_gpt
+    monkeypatch.setattr(gpt, "load_gpt", lambda *a, **k: built.append(k) or load(*a, **k))
+    run_log(tmp_path, tiny_weights, raw_path, "fused", "--no-shortcuts")
+    assert built == [{"plain": False}]
+
+
+def test_the_log_says_when_the_cache_is_off_or_partial(tmp_path, tiny_weights, raw_path):
+    off = run_log(tmp_path, tiny_weights, raw_path, "zero", "--trunk-cache-gb", 0)
+    assert "frozen-trunk cache off: --trunk-cache-gb 0" in off
+    assert "last block at the classified position only" in shortcut_line(off)
+    everything = run_log(tmp_path, tiny_weights, raw_path, "all", "--trainable-layers", "all")
+    assert "frozen-trunk cache off: the frozen-trunk cache needs frozen embeddings" in everything
+    # room for about two examples of 120 tokens x 32 floats
+    partial = run_log(tmp_path, tiny_weights, raw_path, "tiny", "--trunk-cache-gb", 3e-5)
+    assert re.search(r"frozen-trunk cache partial: full at .* MiB \(\d+ examples\)", partial)
+    assert len(re.findall("cache partial", partial)) == 1
+
+
+def test_a_negative_cache_cap_is_refused(tmp_path, tiny_weights, raw_path):
+    with pytest.raises(SystemExit) as e:
+        run_log(tmp_path, tiny_weights, raw_path, "neg", "--trunk-cache-gb", -1)
+    assert str(e.value) == "error: --trunk-cache-gb must be 0 (no cache) or more"
+
+
+def test_a_partial_cache_prints_the_same_log(tmp_path, tiny_weights, raw_path):
+    def numbers(name, *extra):
+        log = run_log(tmp_path, tiny_weights, raw_path, name, *extra)
+        return re.findall(r"(?:loss|accuracy):? (\d+\.\d+)", log)
+    assert numbers("whole") == numbers("capped", "--trunk-cache-gb", 3e-5)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_the_shortcuts_on_cuda_give_the_exact_logits_and_gradients():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    model = noisy_model(dtype=torch.float32).cuda()
+    x = padded([12, 7, 1, 10], 12).cuda()
+    weights = torch.randn(len(x), 3, device="cuda")
+    expected, expected_grads = grads_of(model, lambda m, ids: m(ids)[:, -1], x, weights)
+    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    got, got_grads = grads_of(
+        model, lambda m, ids: gpt.classify_logits(m, ids, pad_id=PAD, tail=True, trunk=trunk),
+        x, weights)
+    assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for name, g in expected_grads.items():
+        assert_close(got_grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
