@@ -11,8 +11,10 @@ Nothing here needs pandas: Python's csv module reads the raw file the way the ch
 """
 
 import argparse
+import contextlib
 import csv
 import functools
+import hashlib
 import http.client
 import io
 import json
@@ -23,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -36,6 +39,10 @@ URLS = (
     "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
 )
 RAW_NAME = "SMSSpamCollection"  # the member of the zip that holds the data
+# sha256 of the published raw file (the zip's member, 5,572 messages): any other bytes are
+# not the chapter's data, and its numbers cannot be reproduced from them.
+SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+SMS_ROWS = 5572
 LABELS = {"ham": 0, "spam": 1}
 CLASS_NAMES = ("not spam", "spam")  # what label 0 and label 1 mean to a user
 PAD_ID = 50256  # GPT-2's <|endoftext|>, used as the padding token
@@ -57,23 +64,66 @@ def cache_dir():
 # ----------------------------------------------------------------------------- download
 
 class _NoBar:
+    def __init__(self, iterable=None):
+        self.iterable = iterable
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         return False
 
-    def update(self, n):
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
         pass
 
 
-def _progress(total, desc):
-    """A byte-count progress bar on stderr, shown only in a terminal (tqdm is optional)."""
+def progress(iterable=None, desc=None, total=None, unit="it", **kw):
+    """A progress bar on stderr, shown only when stderr is a terminal (tqdm is optional)."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return _NoBar()
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, disable=None)
+        return _NoBar(iterable)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, disable=None,
+                file=sys.stderr, **kw)
+
+
+def _progress(total, desc):
+    """A byte-count progress bar for a download."""
+    return progress(total=total, desc=desc, unit="B", unit_scale=True)
+
+
+@contextlib.contextmanager
+def bars_paused():
+    """Clear the progress bars while a line is printed, then draw them again: the printed
+    lines stay whole in a terminal instead of landing on the end of a bar's line."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):
+        yield
+        return
+    with tqdm.tqdm.external_write_mode(file=sys.stderr):
+        yield
+
+
+class Ticking:
+    """A loader that moves a progress bar one step per batch it hands out. Iterating it
+    iterates the loader itself, so a shuffling loader draws from torch's RNG exactly as before."""
+
+    def __init__(self, loader, bar):
+        self.loader, self.bar = loader, bar
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            self.bar.update(1)
 
 
 def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.0):
@@ -89,7 +139,9 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in urls:
+        tried, error = 0, ""
         for attempt in range(retries):
+            tried += 1
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
             try:
                 with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
@@ -109,43 +161,67 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
                 os.replace(tmp, dest)
                 return dest
             except DataError as e:  # the server answered, with the wrong thing
-                errors.append(f"{url}: {e}")
+                error = str(e)
                 break
             except (OSError, http.client.HTTPException, ValueError) as e:  # HTTPError included
                 if isinstance(e, urllib.error.HTTPError):
-                    errors.append(f"{url}: HTTP {e.code} {e.reason}")
+                    error = f"HTTP {e.code} {e.reason}"
                     if 400 <= e.code < 500:  # no such file there: asking again will not help
                         break
                 else:
-                    errors.append(f"{url}: {getattr(e, 'reason', None) or e or repr(e)}")
+                    error = str(getattr(e, "reason", None) or e or repr(e))
                 if attempt + 1 < retries:
                     time.sleep(backoff * 2**attempt)
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-    raise DataError("download failed; tried " + "; ".join(errors))
+        # each URL once, with its last error
+        errors.append(f"{url} ({error}{f'; {tried} tries' if tried > 1 else ''})")
+    raise DataError("download failed; tried " + ", ".join(errors))
 
 
-def read_raw_text(path):
-    """The raw data as text, from the `SMSSpamCollection` file itself or from the zip holding it."""
+def read_raw_bytes(path):
+    """The raw data's bytes, from the `SMSSpamCollection` file itself or from the zip holding it."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / RAW_NAME
+        hint = f" (did you mean {inside}?)" if inside.is_file() else ""
+        raise DataError(f"{path} is a folder; pass the data file itself{hint}")
     if not path.is_file():
         raise DataError(f"{path} does not exist; pass the SMSSpamCollection file or its zip")
-    if zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip or zipfile.is_zipfile(path):
+        if not zipfile.is_zipfile(path):  # the zip's directory, at its end, is missing
+            raise DataError(f"{path} is a zip file cut short (its end is missing); delete it "
+                            "and download it again")
         try:
             with zipfile.ZipFile(path) as zf:
                 names = [n for n in zf.namelist() if Path(n).name == RAW_NAME]
                 if not names:
                     raise DataError(f"{path} is a zip without a {RAW_NAME} file in it")
-                data = zf.read(names[0])
-        except (zipfile.BadZipFile, EOFError, OSError) as e:
-            raise DataError(f"{path} is a broken zip ({e}); delete it and download again") from e
-    else:
-        data = path.read_bytes()
+                return zf.read(names[0])
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+            raise DataError(f"{path} is a broken zip ({type(e).__name__}: {e}); delete it and "
+                            "download it again") from e
+    return path.read_bytes()
+
+
+def decode_utf8(raw, what):
+    """`raw` as text; bytes that are not UTF-8 raise DataError naming the first bad byte, its
+    line, and the fix."""
     try:
-        return data.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text, so not the SMS Spam Collection") from e
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{what} is not UTF-8 text: byte {e.start:,} (line {line}) is "
+                        f"0x{raw[e.start]:02x}; re-encode it as UTF-8 (e.g. iconv -f latin1 -t "
+                        "utf-8 IN > OUT, if it is latin-1)") from e
+
+
+def read_raw_text(path):
+    """The raw data as text, from the `SMSSpamCollection` file itself or from the zip holding it."""
+    return decode_utf8(read_raw_bytes(path), str(path))
 
 
 def parse(text, source="the data"):
@@ -204,17 +280,40 @@ def fetch(cache=None, urls=URLS, **download_kw):
             raise DataError("not a zip file")
         parse(read_raw_text(tmp), source="the downloaded zip")
 
-    download_file(urls, zip_path, check=check, **download_kw)
+    try:
+        download_file(urls, zip_path, check=check, **download_kw)
+    except DataError as e:
+        raise DataError(f"could not download the SMS Spam Collection: {e}. Fetch it some other "
+                        f"way and pass --data PATH (the {RAW_NAME} file or its zip)") from e
     text = read_raw_text(zip_path)
     write_atomic(raw, text.encode("utf-8"))
     zip_path.unlink()
     return raw
 
 
+def load(data=None, cache=None):
+    """(rows, source): the parsed rows, from `data` (raw file or zip, no network) or from the
+    cached download, and where they came from: {"path": absolute path, "sha256": of the raw
+    bytes (the zip's member, for a zip)}."""
+    path = Path(data) if data is not None else fetch(cache)
+    raw = read_raw_bytes(path)
+    rows = parse(decode_utf8(raw, str(path)), source=str(path))
+    return rows, {"path": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
 def load_rows(data=None, cache=None):
     """The parsed rows: from `data` (raw file or zip, no network) or from the cached download."""
-    path = Path(data) if data is not None else fetch(cache)
-    return parse(read_raw_text(path), source=str(path))
+    return load(data, cache)[0]
+
+
+def unpublished_warning(rows, source):
+    """A one-line warning where raw SMS data is not the published file (an edited or cut-short
+    copy, say), else None. Not a refusal: people edit data, but they should know."""
+    if source["sha256"] == SMS_SHA256:
+        return None
+    return (f"warning: {source['path']} is not the published SMS Spam Collection (its sha256 "
+            f"differs; {len(rows):,} messages where the published file has {SMS_ROWS:,}), so "
+            "the chapter's numbers will not be reproduced")
 
 
 # ----------------------------------------------------------------------------- balance, split
@@ -340,6 +439,8 @@ class SpamDataset(Dataset):
     def __init__(self, rows, tokenizer, max_length=None, pad=True):
         encoded = [tokenizer.encode(text) for _, text in rows]
         self.max_length = max_length or max(len(ids) for ids in encoded)
+        # tokens cut from each text longer than max_length (none with the default)
+        self.cut = [len(ids) - self.max_length for ids in encoded if len(ids) > self.max_length]
         self.labels = [label for label, _ in rows]
         self.encoded = [truncate_and_pad(ids, self.max_length, pad) for ids in encoded]
 
@@ -374,9 +475,11 @@ def main(argv=None):
                    help="where to write train.csv, validation.csv and test.csv")
     args = p.parse_args(argv)
     try:
-        rows = load_rows(args.data)
+        rows, source = load(args.data)
     except DataError as e:
         sys.exit(f"error: {e}")
+    if warning := unpublished_warning(rows, source):
+        print(warning, file=sys.stderr)
     counts = {label: sum(r[0] == label for r in rows) for label in LABELS}
     print(f"Read {len(rows)} messages: {counts['ham']} ham, {counts['spam']} spam")
     out = Path(args.output_dir)

@@ -8,6 +8,8 @@ A run trained on a GPU evaluates on a CPU (or anywhere else) with the same numbe
 """
 
 import argparse
+import dataclasses
+import io
 import json
 import sys
 from pathlib import Path
@@ -77,6 +79,12 @@ class RunError(Exception):
     """A run folder that cannot be used; the message says why and what to do."""
 
 
+# What run.json must hold (finetune.py writes them all; "data" is optional: older runs lack it).
+RUN_KEYS = ("model", "num_classes", "class_names", "max_length", "pad_id", "padding",
+            "token_position", "average_embeddings", "batch_size", "final_train_dropped")
+ECHO_CHARS = 60  # how much of a text that was cut is echoed back
+
+
 def load_run(run_dir, device):
     """(classifier, run info) from a finished run folder of finetune.py."""
     run_dir = Path(run_dir)
@@ -87,6 +95,19 @@ def load_run(run_dir, device):
                        "finish; run finetune.py again or pass another --run")
     try:
         info = json.loads((run_dir / "run.json").read_text())
+    except ValueError as e:
+        raise RunError(f"{run_dir / 'run.json'} is damaged ({e}); train the run again") from e
+    missing = [k for k in RUN_KEYS if k not in info] if isinstance(info, dict) else ["model"]
+    if not missing and isinstance(info["model"], dict):
+        missing = [f"model.{f.name}" for f in dataclasses.fields(gpt.GPTConfig)
+                   if f.name not in info["model"]]
+    if not missing and isinstance(info.get("data"), dict):
+        missing = [f"data.{k}" for k in ("path", "sha256") if k not in info["data"]]
+    if missing:
+        raise RunError(f"{run_dir / 'run.json'} has no {', '.join(map(repr, missing))} "
+                       "(edited by hand?); put it back as finetune.py wrote it, or train the "
+                       "run again")
+    try:
         model = gpt.GPTModel(gpt.config_from_dict(info["model"]))
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{run_dir / 'run.json'} is damaged ({e}); train the run again") from e
@@ -125,22 +146,74 @@ def classify(text, classifier, tokenizer, info, device):
     return info["class_names"][label], float(probs[label])
 
 
+def load_run_data(info, data_path=None):
+    """The rows for --all-splits: `data_path`, else the data the run was trained on (run.json
+    records its path and sha256). Warns on stderr when the data differs from the run's."""
+    trained = info.get("data")  # absent in runs made before it was recorded
+    if data_path is None and trained:
+        if Path(trained["path"]).is_file():
+            data_path = trained["path"]
+        elif trained["sha256"] != data.SMS_SHA256:  # (the published data is the download)
+            raise data.DataError(f"this run was trained on {trained['path']}, which is no "
+                                 "longer there; pass --data PATH (the same data: sha256 "
+                                 f"{trained['sha256']})")
+    rows, source = data.load(data_path)
+    if trained and source["sha256"] != trained["sha256"]:
+        print(f"warning: {source['path']} is not the data this run was trained on "
+              f"({trained['path']}; the sha256 differs), so the splits differ and these are "
+              "not the run's accuracies; pass --data with the run's data to get them",
+              file=sys.stderr)
+    elif not trained and (warning := data.unpublished_warning(rows, source)):
+        print(warning, file=sys.stderr)
+    return rows
+
+
 def evaluate_splits(classifier, info, device, data_path=None):
     """Accuracy, spam precision/recall/F1 and confusion matrix over the whole of each split."""
-    splits = data.make_splits(data.load_rows(data_path))
+    splits = data.make_splits(load_run_data(info, data_path))
     tokenizer = data.get_tokenizer()
-    results = {}
+    loaders = {}
     for name in data.SPLITS:
         rows = splits[name]
         if name == "train":  # the examples finetune.py's final pass covered
             dropped = set(info["final_train_dropped"])
             rows = [row for i, row in enumerate(rows) if i not in dropped]
         ds = data.SpamDataset(rows, tokenizer, info["max_length"], pad=info["padding"])
-        loader = torch.utils.data.DataLoader(ds, batch_size=info["batch_size"])
-        labels, predicted = predictions(loader, classifier, device)
-        accuracy = sum(t == p for t, p in zip(labels, predicted)) / len(labels)
-        results[name] = (accuracy, *spam_scores(labels, predicted))
+        loaders[name] = torch.utils.data.DataLoader(ds, batch_size=info["batch_size"])
+    results = {}
+    total = sum(len(loader) for loader in loaders.values())
+    with data.progress(total=total, desc="Evaluating every split", unit="batch") as bar:
+        for name, loader in loaders.items():
+            labels, predicted = predictions(data.Ticking(loader, bar), classifier, device)
+            accuracy = sum(t == p for t, p in zip(labels, predicted)) / len(labels)
+            results[name] = (accuracy, *spam_scores(labels, predicted))
     return results
+
+
+def read_stdin():
+    """The non-blank lines of standard input, read as UTF-8 (anything else is refused with the
+    byte it stumbled on)."""
+    if sys.stdin.isatty():
+        print("Reading messages from standard input, one per line; end with Ctrl-D.",
+              file=sys.stderr)
+    buffer = getattr(sys.stdin, "buffer", None)
+    text = data.decode_utf8(buffer.read(), "standard input") if buffer else sys.stdin.read()
+    lines = [line.rstrip("\n") for line in io.StringIO(text, newline=None) if line.strip()]
+    if not lines:
+        raise ValueError("standard input held no text; pipe in the messages to classify, one "
+                         "per line")
+    return lines
+
+
+def echo(text, tokenizer, info, context_length):
+    """The text as echoed after its label: whole, or, where it was cut to the run's length, a
+    short prefix and how much of it was classified."""
+    max_length = min(info["max_length"], context_length)
+    n = len(tokenizer.encode(text))
+    if n <= max_length:
+        return text
+    prefix = text[:ECHO_CHARS].rstrip() + "..." if len(text) > ECHO_CHARS else text
+    return f"{prefix}  [cut: only its first {max_length} of {n:,} tokens were classified]"
 
 
 def print_splits(results):
@@ -160,7 +233,8 @@ def main(argv=None):
                                 "its label for new texts.")
     p.add_argument("--run", required=True, metavar="DIR", help="a run folder of finetune.py")
     p.add_argument("--data", metavar="PATH", help="the raw SMSSpamCollection file or its zip "
-                   "(default: the cached download, fetched if missing)")
+                   "for --all-splits (default: the data the run was trained on, as run.json "
+                   "records it)")
     p.add_argument("--all-splits", action="store_true",
                    help="print accuracy, spam precision/recall/F1 and the confusion matrix on "
                    "train, validation and test")
@@ -176,17 +250,16 @@ def main(argv=None):
     try:
         if any(not t.strip() for t in args.text):
             raise ValueError("a --text is empty; give a message to classify")
+        texts = list(args.text) + (read_stdin() if args.stdin else [])
         device = select_device(args.device)
         classifier, info = load_run(args.run, device)
         if args.all_splits:
             print_splits(evaluate_splits(classifier, info, device, args.data))
         tokenizer = data.get_tokenizer()
-        texts = list(args.text)
-        if args.stdin:
-            texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
         for text in texts:
             label, prob = classify(text, classifier, tokenizer, info, device)
-            print(f"{label:<8}  {prob:.4f}  {text}")
+            shown = echo(text, tokenizer, info, classifier.gpt.cfg.context_length)
+            print(f"{label:<8}  {prob:.4f}  {shown}")
     except (ValueError, RunError, data.DataError) as e:
         sys.exit(f"error: {e}")
 

@@ -122,12 +122,7 @@ def check_finite_weights(model, step, epoch, cfg):
 
 def progress(loader, epoch):
     """A progress bar over an epoch's batches, on stderr and only in a terminal (tqdm)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return loader
-    return tqdm(loader, desc=f"Epoch {epoch + 1}", leave=False, disable=None,
-                file=sys.__stderr__)
+    return data.progress(loader, desc=f"Epoch {epoch + 1}", unit="batch")
 
 
 def train(model, loaders, optimizer, cfg, device, scaler=None):
@@ -141,7 +136,10 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
     """
     train_loader, val_loader = loaders["train"], loaders["validation"]
     history = {"train_losses": [], "val_losses": [], "train_accs": [], "val_accs": [],
-               "examples_seen": 0, "steps": 0}
+               "examples_seen": 0, "steps": 0,
+               # examples seen at each loss and accuracy point: the plots' x positions
+               "loss_examples_seen": [], "acc_examples_seen": [],
+               "examples_per_epoch": len(train_loader) * train_loader.batch_size}
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     examples_seen, global_step, k = 0, -1, cfg.accumulation_steps
     for epoch in range(cfg.epochs):
@@ -164,6 +162,7 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
                                                       cfg.eval_iter, cfg.ignore_index)
                 history["train_losses"].append(train_loss)
                 history["val_losses"].append(val_loss)
+                history["loss_examples_seen"].append(examples_seen)
                 print(f"Ep {epoch+1} (Step {global_step:06d}): "
                       f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}", flush=True)
                 # The losses are Python numbers already: checking them costs no device sync.
@@ -180,6 +179,7 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
         print(f"Validation accuracy: {val_accuracy*100:.2f}%", flush=True)
         history["train_accs"].append(train_accuracy)
         history["val_accs"].append(val_accuracy)
+        history["acc_examples_seen"].append(examples_seen)
         if cfg.max_steps is not None and global_step + 1 >= cfg.max_steps:
             break
     history["examples_seen"], history["steps"] = examples_seen, global_step + 1
@@ -188,20 +188,29 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
 
 # ----------------------------------------------------------------------------- outputs
 
-def plot_values(epochs_seen, examples_seen, train_values, val_values, label, out_dir):
-    """The chapter's plot: values against epochs, with examples seen on a second x axis."""
+def plot_values(epochs_seen, examples_seen, train_values, val_values, label, out_dir,
+                span=None):
+    """The chapter's plot: values against epochs, with examples seen on a second x axis.
+
+    The points sit at the epochs and examples actually seen when each value was measured, and
+    the axes span (epochs, examples) of the whole run (default: up to the last point), so a
+    short run (--max-steps) is drawn at its true scale; a run with few points marks each one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    epochs_seen, examples_seen = list(map(float, epochs_seen)), list(map(float, examples_seen))
+    marker = "o" if len(epochs_seen) < 5 else None
     fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
-    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.plot(epochs_seen, train_values, marker=marker, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", marker=marker,
+             label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel(label.capitalize())
     ax1.legend()
-    ax2 = ax1.twiny()  # a second x axis on the same y axis
-    ax2.plot(examples_seen, train_values, alpha=0)  # invisible: only aligns the ticks
+    ax1.set_xlim(0, max(epochs_seen[-1] if span is None else span[0], 1e-9))
+    ax2 = ax1.twiny()  # a second x axis on the same y axis: examples seen
+    ax2.set_xlim(0, max(examples_seen[-1] if span is None else span[1], 1e-9))
     ax2.set_xlabel("Examples seen")
     fig.tight_layout()
     for ext in ("pdf", "png"):
@@ -211,30 +220,45 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label, out
     plt.close(fig)
 
 
-def plot_history(history, epochs, out_dir):
-    for label, train_key, val_key in (("loss", "train_losses", "val_losses"),
-                                      ("accuracy", "train_accs", "val_accs")):
-        n = len(history[train_key])
-        if n == 0:
+def plot_history(history, out_dir):
+    """The loss and accuracy plots, against the epochs and examples seen at each point (the
+    chapter spreads them evenly over the epochs asked for, which only fits a whole run)."""
+    per_epoch = history["examples_per_epoch"]
+    for label, train_key, val_key, at in (
+            ("loss", "train_losses", "val_losses", "loss_examples_seen"),
+            ("accuracy", "train_accs", "val_accs", "acc_examples_seen")):
+        if not history[train_key]:
             continue
-        epochs_seen = torch.linspace(0, epochs, n)
-        examples_seen = torch.linspace(0, history["examples_seen"], n)
+        examples_seen = history[at]
+        epochs_seen = [n / per_epoch for n in examples_seen]
+        span = (history["examples_seen"] / per_epoch, history["examples_seen"])
         plot_values(epochs_seen, examples_seen, history[train_key], history[val_key], label,
-                    out_dir)
+                    out_dir, span)
 
 
 class Tee:
-    """Writes to the terminal and to the run's log file at once."""
+    """Writes to the terminal and to the run's log file at once, a whole line at a time, with
+    any progress bar cleared meanwhile: a bar never shares a line with the log."""
 
     def __init__(self, *streams):
-        self.streams = streams
+        self.streams, self.pending = streams, ""
 
     def write(self, text):
-        for s in self.streams:
-            s.write(text)
+        self.pending += text
+        if "\n" in self.pending:
+            lines, _, self.pending = self.pending.rpartition("\n")
+            self._emit(lines + "\n")
         return len(text)
 
+    def _emit(self, text):
+        with data.bars_paused():
+            for s in self.streams:
+                s.write(text)
+
     def flush(self):
+        if self.pending:
+            text, self.pending = self.pending, ""
+            self._emit(text)
         for s in self.streams:
             s.flush()
 
@@ -375,7 +399,10 @@ def run(cfg):
         print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision})")
 
         # 1. Data: the balanced split, tokenized; max_length from the training set.
-        splits = data.make_splits(data.load_rows(cfg.data))
+        rows, source = data.load(cfg.data)
+        if warning := data.unpublished_warning(rows, source):
+            print(warning)
+        splits = data.make_splits(rows)
         tokenizer = data.get_tokenizer()
 
         # 2. The model (random weights are drawn right after seeding).
@@ -389,6 +416,10 @@ def run(cfg):
             max_length = int(cfg.context_length)
         if cfg.no_padding:
             max_length = context  # texts keep their own lengths, cut to what the model takes
+        if max_length is not None and max_length > context:
+            raise ValueError(f"--context-length {max_length} is longer than the model's context:"
+                             f" the model takes {context} tokens; pass {context} or less, or "
+                             "longest")
         train_ds = data.SpamDataset(splits["train"], tokenizer, max_length, pad=not cfg.no_padding)
         if train_ds.max_length > context:
             raise ValueError(f"the longest training text has {train_ds.max_length} tokens but "
@@ -397,6 +428,8 @@ def run(cfg):
         for name in ("validation", "test"):
             datasets[name] = data.SpamDataset(splits[name], tokenizer, train_ds.max_length,
                                               pad=not cfg.no_padding)
+        if train_ds.cut:  # a --context-length shorter than the texts (never the default)
+            print(cut_note(datasets))
 
         # 3. Loaders, built right after seeding (the chapter's order; they draw when iterated).
         torch.manual_seed(cfg.seed)
@@ -419,11 +452,14 @@ def run(cfg):
         if cfg.initial_eval:  # the chapter's look before training; the run reseeds below
             before, _ = build_classifier(model, cfg, device)  # own cache: training starts cold
             torch.manual_seed(cfg.seed)
-            accs = [calc_accuracy_loader(loaders[s], before, device, num_batches=10)
-                    for s in data.SPLITS]
-            with torch.no_grad():
-                losses = [calc_loss_loader(loaders[s], before, device, 5, cfg.ignore_index)
-                          for s in data.SPLITS]
+            total = sum(min(n, len(loaders[s])) for n in (10, 5) for s in data.SPLITS)
+            with data.progress(total=total, desc="Looking before training", unit="batch") as bar:
+                ticking = {s: data.Ticking(loaders[s], bar) for s in data.SPLITS}
+                accs = [calc_accuracy_loader(ticking[s], before, device, num_batches=10)
+                        for s in data.SPLITS]
+                with torch.no_grad():
+                    losses = [calc_loss_loader(ticking[s], before, device, 5, cfg.ignore_index)
+                              for s in data.SPLITS]
             del before
             print("Before fine-tuning (accuracy over 10 batches, loss over 5):")
             for split_name, acc in zip(("Training", "Validation", "Test"), accs):
@@ -450,11 +486,14 @@ def run(cfg):
         # loader shuffles and drops its last partial batch, so this pass leaves out a few
         # examples (5 of 1,045); run.json names them so that evaluate.py leaves out the same.
         dropped = dropped_examples(loaders["train"])
-        final = {s: calc_accuracy_loader(loaders[s], classifier, device) for s in data.SPLITS}
+        total = sum(len(loaders[s]) for s in data.SPLITS)
+        with data.progress(total=total, desc="Accuracy on every split", unit="batch") as bar:
+            final = {s: calc_accuracy_loader(data.Ticking(loaders[s], bar), classifier, device)
+                     for s in data.SPLITS}
         for split_name, s in zip(("Training", "Validation", "Test"), data.SPLITS):
             print(f"{split_name} accuracy: {final[s]*100:.2f}%")
 
-        plot_history(history, cfg.epochs, out)
+        plot_history(history, out)
         if cfg.trainable_layers == "lora":
             gpt.merge_lora(model)  # the saved weights are a plain GPT-2 with a class head
         save_model(model, out / "model.safetensors")
@@ -469,9 +508,24 @@ def run(cfg):
             "pad_id": data.PAD_ID, "padding": not cfg.no_padding,
             "token_position": cfg.token_position, "average_embeddings": cfg.average_embeddings,
             "precision": cfg.precision, "batch_size": cfg.batch_size,
-            "final_train_dropped": dropped, "flags": asdict(cfg)})
+            "final_train_dropped": dropped, "data": source, "flags": asdict(cfg)})
         print(f"Saved the fine-tuned model to {out}")
     return out
+
+
+def cut_note(datasets):
+    """One line saying how many texts of each split a short --context-length cuts, and by how
+    much."""
+    parts = []
+    for name, ds in datasets.items():
+        if ds.cut:
+            parts.append(f"{len(ds.cut):,} of {len(ds):,} {name} texts (by {min(ds.cut):,} to "
+                         f"{max(ds.cut):,} tokens, {sum(ds.cut) / len(ds.cut):.0f} on average)")
+        else:
+            parts.append(f"none of the {name} texts")
+    max_length = next(iter(datasets.values())).max_length
+    return (f"note: the context length of {max_length} tokens cuts " + ", ".join(parts) +
+            f"; only their first {max_length} tokens are classified")
 
 
 def device_name(device):
@@ -498,7 +552,8 @@ def parse_args(argv=None):
       "used (default: download once from UCI into the cache)")
     a("--weights", default=d.weights, metavar="NAME|DIR|random",
       help="small, medium, large or xl (OpenAI's GPT-2, downloaded once into the cache), a "
-      "folder with config.json and model.safetensors, or random (default: small)")
+      "folder with config.json and model.safetensors, or random, random-medium, random-large, "
+      "random-xl (random weights of that size) (default: small)")
     a("--device", default=d.device, choices=("auto", "cpu", "cuda", "mps"),
       help="auto picks cuda, then mps (torch >= 2.9 only), then cpu (default: auto)")
     a("--output-dir", metavar="DIR", help="the run folder (default: a new runs/<timestamp>)")

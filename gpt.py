@@ -633,20 +633,23 @@ def load_hf_weights(model, tensors):
             for i in (range(n_layers) if "{i}" in ours else [0])}
     expected = {theirs for theirs, _ in plan.values()}
     given = {k for k in tensors if not k.endswith(HF_IGNORED)}
+    _check_width(model.cfg, tensors)
     problems = []
     if expected - given:
         problems.append("missing " + _names(expected - given))
     if given - expected:
         problems.append("unexpected " + _names(given - expected))
     own = dict(model.named_parameters())
-    converted = {}
+    converted, shapes = {}, []
     for ours, (theirs, how) in plan.items():
         if theirs in tensors:
             t = _convert(tensors[theirs], how)
             if t.shape != own[ours].shape:
-                problems.append(f"{theirs} has shape {tuple(tensors[theirs].shape)}, which does "
-                                f"not fit {ours} {tuple(own[ours].shape)}")
+                shapes.append(f"{theirs} has shape {tuple(tensors[theirs].shape)}, which does "
+                              f"not fit {ours} {tuple(own[ours].shape)}")
             converted[ours] = t
+    problems += shapes[:3] + ([f"{len(shapes) - 3} more tensors do not fit"]
+                              if len(shapes) > 3 else [])
     if problems:
         raise WeightsError("the checkpoint does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
@@ -654,6 +657,18 @@ def load_hf_weights(model, tensors):
             own[ours].copy_(t)
     model.out_head.weight = model.tok_emb.weight  # GPT-2 ties its output head to wte
     return model
+
+
+def _check_width(cfg, tensors):
+    """Refuse, in one sentence, weights of another width than config.json describes (every
+    tensor would be named otherwise)."""
+    wte = tensors.get("wte.weight")
+    if wte is not None and wte.ndim == 2 and wte.shape[1] != cfg.emb_dim:
+        raise WeightsError(f"the checkpoint does not fit the model: config.json describes a "
+                           f"model of width {cfg.emb_dim} (n_embd), the weights have width "
+                           f"{wte.shape[1]} (wte.weight {tuple(wte.shape)}); config.json and "
+                           "model.safetensors come from different models: put the matching "
+                           "pair in the folder")
 
 
 def _names(keys, limit=6):
@@ -753,7 +768,8 @@ def main(argv=None):
                                 "sanity check that the pretrained weights loaded correctly.")
     p.add_argument("--weights", default="small", metavar="NAME|DIR|random",
                    help="small, medium, large or xl (downloaded once into the cache), a folder "
-                   "with config.json and model.safetensors, or random (default: small)")
+                   "with config.json and model.safetensors, or random, random-medium, "
+                   "random-large, random-xl (random weights of that size) (default: small)")
     p.add_argument("--prompt", default="Every effort moves", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=15, help="tokens to generate")
     p.add_argument("--print-ids", action="store_true",

@@ -1,6 +1,6 @@
 """The benchmarks' set-up: options, sizes, data, the projection of the chapter's run, the summary.
 
-    python -m pytest bench --benchmark-only                  # measure this machine (CPU: < 5 min)
+    python -m pytest bench --benchmark-only                  # measure this machine
     python -m pytest bench --benchmark-only --full-epochs    # also whole epochs where slow (CPU)
     python -m pytest -q bench --benchmark-disable            # smoke pass on tiny sizes (CI)
 

@@ -1,0 +1,461 @@
+"""Inputs, messages and progress (issue 9): every bad input gets one clear line that says what to
+do, data that is not the published SMS Spam Collection is named as such, and long work shows a
+progress bar in a terminal that never lands on the printed log's lines.
+
+The runs here use the tiny checkpoint of conftest.py and a small made-up SMS file, so each takes
+a second or two; the few checks that need the real data file skip without it.
+"""
+
+import hashlib
+import io
+import json
+import re
+import shutil
+import sys
+import zipfile
+
+import pytest
+import torch
+
+import data
+import evaluate
+import finetune
+import gpt
+
+
+def sms_lines(n_ham=100, n_spam=40):
+    """A small file in the SMS Spam Collection's format (not the published one)."""
+    ham = [f"ham\tsee you at {i % 12 + 1} then, ok? bring the {i} books" for i in range(n_ham)]
+    spam = [f"spam\tWIN a prize of ${i}00 now! txt WIN to 8{i:04d} to claim" for i in range(n_spam)]
+    lines = ham[:n_ham // 2] + spam + ham[n_ham // 2:]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def sms_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "SMSSpamCollection"
+    path.write_text(sms_lines(), encoding="utf-8")
+    return path
+
+
+def quick(tiny_weights, data_path, out, *extra):
+    """finetune.py's arguments for a run of a few steps."""
+    return ["--weights", str(tiny_weights), "--data", str(data_path), "--output-dir", str(out),
+            "--device", "cpu", "--max-steps", "2", "--no-initial-eval", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tiny_weights, sms_file):
+    """A finished run trained on the made-up file (and its printed output)."""
+    out = tmp_path_factory.mktemp("runs") / "small"
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdout", buf)
+        finetune.main(quick(tiny_weights, sms_file, out))
+    return out, buf.getvalue()
+
+
+def one_error_line(excinfo):
+    """The SystemExit's message: one line starting `error:`."""
+    message = str(excinfo.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert "Traceback" not in message
+    return message
+
+
+# ----------------------------------------------------------------------------- the published data
+
+def test_the_published_files_sha256_is_known(raw_path, tmp_path):
+    assert hashlib.sha256(raw_path.read_bytes()).hexdigest() == data.SMS_SHA256
+    rows, source = data.load(raw_path)
+    assert len(rows) == data.SMS_ROWS and source["sha256"] == data.SMS_SHA256
+    assert data.unpublished_warning(rows, source) is None
+    zipped = tmp_path / "sms.zip"  # the zip's member is what is hashed
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(raw_path, "SMSSpamCollection")
+    assert data.load(zipped)[1]["sha256"] == data.SMS_SHA256
+
+
+def test_a_cut_short_copy_is_named_not_the_published_one(raw_path, tmp_path, tiny_weights,
+                                                         capsys):
+    raw = raw_path.read_bytes()
+    cut = tmp_path / "SMSSpamCollection"
+    cut.write_bytes(raw[:raw.index(b"\n", 300000) + 1])  # `head -c 300000`, at a line's end
+    rows, source = data.load(cut)
+    assert len(rows) < data.SMS_ROWS
+    finetune.main(quick(tiny_weights, cut, tmp_path / "run", "--context-length", "128"))
+    out = capsys.readouterr().out
+    warning = f"warning: {cut.resolve()} is not the published SMS Spam Collection"
+    assert out.count(warning) == 1, out  # once, plainly; the run goes on
+    assert f"{len(rows):,} messages where the published file has 5,572" in out
+    assert "the chapter's numbers will not be reproduced" in out
+    assert warning in (tmp_path / "run" / "log.txt").read_text()
+    assert (tmp_path / "run" / "run.json").is_file()
+
+    data.main(["--data", str(cut), "--output-dir", str(tmp_path / "splits")])  # data.py too
+    assert capsys.readouterr().err.count(warning) == 1
+
+
+def test_the_published_data_gets_no_warning(raw_path, tmp_path, capsys):
+    data.main(["--data", str(raw_path), "--output-dir", str(tmp_path / "splits")])
+    captured = capsys.readouterr()
+    assert "warning" not in captured.out + captured.err
+
+
+# ----------------------------------------------------------------------------- the data in run.json
+
+def test_run_json_records_the_data(small_run, sms_file):
+    run_dir, _ = small_run
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["data"] == {"path": str(sms_file.resolve()),
+                            "sha256": hashlib.sha256(sms_file.read_bytes()).hexdigest()}
+
+
+def no_download(*args, **kwargs):
+    raise AssertionError("evaluate.py downloaded data although run.json names the run's data")
+
+
+def test_all_splits_defaults_to_the_data_trained_on(small_run, sms_file, monkeypatch, capsys):
+    run_dir, _ = small_run
+    monkeypatch.setattr(data, "fetch", no_download)
+    evaluate.main(["--run", str(run_dir), "--all-splits"])
+    default = capsys.readouterr()
+    evaluate.main(["--run", str(run_dir), "--all-splits", "--data", str(sms_file)])
+    given = capsys.readouterr()
+    assert default.out == given.out and "Test accuracy" in default.out
+    assert "warning" not in default.err + given.err
+
+
+def test_all_splits_says_when_the_data_differs(small_run, tmp_path, capsys):
+    run_dir, _ = small_run
+    other = tmp_path / "other"
+    other.write_text(sms_lines(120, 50), encoding="utf-8")
+    evaluate.main(["--run", str(run_dir), "--all-splits", "--data", str(other)])
+    err = capsys.readouterr().err
+    assert f"warning: {other.resolve()} is not the data this run was trained on" in err
+    assert err.count("warning") == 1
+
+
+def test_all_splits_names_the_missing_data(small_run, tmp_path, monkeypatch):
+    run_dir, _ = small_run
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    info = json.loads((moved / "run.json").read_text())
+    info["data"]["path"] = str(tmp_path / "gone" / "SMSSpamCollection")
+    (moved / "run.json").write_text(json.dumps(info))
+    monkeypatch.setattr(data, "fetch", no_download)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", str(moved), "--all-splits"])
+    message = one_error_line(e)
+    assert "gone" in message and "--data PATH" in message and info["data"]["sha256"] in message
+
+
+# ----------------------------------------------------------------------------- broken files
+
+def damaged_zip(tmp_path):
+    """A zip whose deflated bytes are damaged so that zlib itself fails deep inside."""
+    text = sms_lines().encode()
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("SMSSpamCollection", text)
+    whole = good.read_bytes()
+    start = whole.index(b"SMSSpamCollection") + len("SMSSpamCollection")  # the member's bytes
+    for i in range(start + 2, start + 200):
+        bad = bytearray(whole)
+        bad[i] ^= 0xFF
+        path = tmp_path / "damaged.zip"
+        path.write_bytes(bytes(bad))
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.read("SMSSpamCollection")
+        except zipfile.zlib.error:
+            return path
+        except zipfile.BadZipFile:
+            continue
+    raise AssertionError("no damage found that zlib itself reports")
+
+
+def test_a_damaged_zip_is_one_line_in_both_scripts(tmp_path, tiny_weights, small_run):
+    path = damaged_zip(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(quick(tiny_weights, path, tmp_path / "run"))
+    assert "broken zip" in one_error_line(e) and str(path) in str(e.value)
+    run_dir, _ = small_run
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", str(run_dir), "--all-splits", "--data", str(path)])
+    assert "broken zip" in one_error_line(e) and "download it again" in str(e.value)
+
+
+def test_a_truncated_zip_is_called_cut_short(tmp_path, tiny_weights):
+    whole = tmp_path / "whole.zip"
+    with zipfile.ZipFile(whole, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("SMSSpamCollection", sms_lines())
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    with pytest.raises(SystemExit) as e:
+        finetune.main(quick(tiny_weights, cut, tmp_path / "run"))
+    message = one_error_line(e)
+    assert "zip file cut short" in message and "UTF-8" not in message
+
+
+def test_a_folder_as_data_is_called_a_folder(tmp_path, tiny_weights, sms_file):
+    with pytest.raises(SystemExit) as e:
+        finetune.main(quick(tiny_weights, sms_file.parent, tmp_path / "run"))
+    message = one_error_line(e)
+    assert "is a folder" in message and "does not exist" not in message
+    assert f"did you mean {sms_file}" in message  # it holds the file
+
+
+def test_a_latin1_file_gives_the_byte_and_the_fix(tmp_path, tiny_weights):
+    path = tmp_path / "latin1"
+    raw = "ham\thello\nham\tcaf\xe9 at 5?\n".encode("latin-1")
+    path.write_bytes(raw)
+    assert raw.index(b"\xe9") == 17
+    with pytest.raises(SystemExit) as e:
+        finetune.main(quick(tiny_weights, path, tmp_path / "run"))
+    message = one_error_line(e)
+    assert "not UTF-8" in message and "byte 17 (line 2) is 0xe9" in message
+    assert "re-encode it as UTF-8" in message
+
+
+@pytest.mark.parametrize("key", ["max_length", "num_classes", "token_position", "pad_id",
+                                 "final_train_dropped", "model.emb_dim", "data.sha256"])
+def test_a_run_json_missing_a_key_names_it(small_run, tmp_path, key):
+    run_dir, _ = small_run
+    edited = tmp_path / "run"
+    shutil.copytree(run_dir, edited)
+    info = json.loads((edited / "run.json").read_text())
+    if "." in key:
+        outer, inner = key.split(".")
+        del info[outer][inner]
+    else:
+        del info[key]
+    (edited / "run.json").write_text(json.dumps(info))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", str(edited), "--text", "hello"])
+    message = one_error_line(e)
+    assert f"has no '{key}'" in message and "run.json" in message
+
+
+# ----------------------------------------------------------------------------- messages
+
+def test_a_context_length_past_the_model_says_so(tmp_path, tiny_weights, sms_file):
+    with pytest.raises(SystemExit) as e:
+        finetune.main(quick(tiny_weights, sms_file, tmp_path / "run", "--context-length", "5000"))
+    message = one_error_line(e)
+    assert "--context-length 5000 is longer than the model's context" in message
+    assert "the model takes 128 tokens" in message and "has 5000 tokens" not in message
+
+
+def test_a_short_context_length_says_how_many_texts_are_cut(tmp_path, tiny_weights, sms_file,
+                                                             capsys):
+    finetune.main(quick(tiny_weights, sms_file, tmp_path / "run", "--context-length", "3"))
+    out = capsys.readouterr().out
+    rows = data.make_splits(data.load_rows(sms_file))
+    tokenizer = data.get_tokenizer()
+    cuts = [len(tokenizer.encode(t)) - 3 for _, t in rows["train"]]
+    assert min(cuts) > 0  # every text here is longer than 3 tokens
+    line = next(line for line in out.splitlines() if line.startswith("note:"))
+    assert (f"cuts {len(cuts)} of {len(cuts)} train texts (by {min(cuts)} to {max(cuts)} tokens"
+            in line), line
+    assert "validation texts" in line and "test texts" in line
+    assert "only their first 3 tokens are classified" in line
+
+
+def test_the_default_context_length_prints_no_note(small_run):
+    _, out = small_run
+    assert "note:" not in out
+
+
+def test_config_and_weights_of_other_widths_are_said_once(tiny_hf_dir, tmp_path):
+    folder = tmp_path / "w"
+    shutil.copytree(tiny_hf_dir[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
+    with pytest.raises(gpt.WeightsError) as e:
+        gpt.load_gpt(folder)
+    message = str(e.value)
+    assert "config.json describes a model of width 64" in message
+    assert "the weights have width 32" in message
+    assert len(message) < 400 and message.count("has shape") == 0, message
+
+
+def test_weights_disagreeing_in_many_shapes_name_a_few(tiny_hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "w"
+    shutil.copytree(tiny_hf_dir[0], folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    for name in list(tensors):  # a feed-forward width of 64 instead of 4 x 32
+        if ".mlp.c_fc." in name:
+            tensors[name] = tensors[name][..., :64].contiguous()
+        elif name.endswith(".mlp.c_proj.weight"):
+            tensors[name] = tensors[name][:64].contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(gpt.WeightsError) as e:
+        gpt.load_gpt(folder)
+    message = str(e.value)
+    assert message.count("has shape") == 3 and "3 more tensors do not fit" in message, message
+
+
+def test_a_failed_data_download_names_each_url_once_and_the_way_forward(http_server, closed_url,
+                                                                         tmp_path):
+    missing = http_server.url("/missing.zip")
+    with pytest.raises(data.DataError) as e:
+        data.fetch(cache=tmp_path / "cache", urls=[closed_url, missing], retries=3, backoff=0,
+                   timeout=5)
+    message = str(e.value)
+    assert message.count(closed_url) == 1 and message.count(missing) == 1, message
+    assert "--data PATH" in message
+
+
+# ----------------------------------------------------------------------------- text input
+
+def test_a_long_text_says_it_was_cut_and_echoes_a_prefix(small_run, capsys):
+    run_dir, _ = small_run
+    text = " ".join(f"word{i}" for i in range(5000))
+    evaluate.main(["--run", str(run_dir), "--text", text])
+    out = capsys.readouterr().out
+    assert len(out) < 300, out
+    max_length = json.loads((run_dir / "run.json").read_text())["max_length"]
+    n = len(data.get_tokenizer().encode(text))
+    assert text[:40] in out and f"only its first {max_length} of {n:,} tokens" in out
+
+
+def test_a_short_text_is_echoed_whole(small_run, capsys):
+    run_dir, _ = small_run
+    evaluate.main(["--run", str(run_dir), "--text", "see you at 5 then"])
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("  see you at 5 then") and "cut" not in out
+
+
+def stdin_of(raw):
+    return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")
+
+
+@pytest.mark.parametrize("raw", [b"", b"\n  \n\n"])
+def test_empty_stdin_says_there_was_no_text(small_run, monkeypatch, raw):
+    run_dir, _ = small_run
+    monkeypatch.setattr(sys, "stdin", stdin_of(raw))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", str(run_dir), "--stdin"])
+    assert "standard input held no text" in one_error_line(e)
+
+
+def test_stdin_that_is_not_utf8_is_one_line(small_run, monkeypatch):
+    run_dir, _ = small_run
+    monkeypatch.setattr(sys, "stdin", stdin_of("see you\ncaf\xe9 at 5\n".encode("latin-1")))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", str(run_dir), "--stdin"])
+    message = one_error_line(e)
+    assert "standard input is not UTF-8" in message and "line 2" in message
+
+
+def test_stdin_in_utf8_is_classified_line_by_line(small_run, monkeypatch, capsys):
+    run_dir, _ = small_run
+    monkeypatch.setattr(sys, "stdin", stdin_of("café at 5?\r\n\nWIN now\n".encode()))
+    evaluate.main(["--run", str(run_dir), "--stdin"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[-1] for line in lines] == ["café at 5?", "WIN now"]
+
+
+# ----------------------------------------------------------------------------- --help
+
+@pytest.mark.parametrize("main", [finetune.main, gpt.main], ids=["finetune", "gpt"])
+def test_help_of_weights_lists_every_random_size(main, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = re.sub(r"-\s+", "-", capsys.readouterr().out)  # argparse wraps after hyphens
+    for name in ("random-medium", "random-large", "random-xl"):
+        assert name in text
+
+
+# ----------------------------------------------------------------------------- plots
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures finetune.py draws, kept as it closes them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (drawn.append(fig), close(fig)))
+    return drawn
+
+
+@pytest.mark.parametrize("steps", [20, 60])
+def test_plots_of_short_runs_use_the_epochs_and_examples_seen(raw_path, tmp_path, tiny_weights,
+                                                              figures, steps):
+    finetune.main(["--weights", str(tiny_weights), "--data", str(raw_path), "--output-dir",
+                   str(tmp_path / "run"), "--max-steps", str(steps), "--no-initial-eval"])
+    loss, accuracy = figures  # 130 batches of 8 make an epoch
+    for fig in (loss, accuracy):
+        epochs_axis, examples_axis = fig.axes
+        assert epochs_axis.get_xlim() == pytest.approx((0, steps / 130))
+        assert examples_axis.get_xlim() == pytest.approx((0, steps * 8))
+        for line in epochs_axis.get_lines():
+            assert all(0 < x <= steps / 130 + 1e-9 for x in line.get_xdata())
+            assert line.get_marker() not in (None, "None", "")  # one or two points: marked
+    seen = [line.get_xdata() for line in loss.axes[0].get_lines()]
+    assert seen[0] == pytest.approx([1 / 130] + ([51 / 130] if steps > 50 else []))
+
+
+# ----------------------------------------------------------------------------- progress bars
+
+class Terminal(io.StringIO):
+    """stdout and stderr of a terminal: one stream, and a tty."""
+
+    def isatty(self):
+        return True
+
+
+def screen(raw):
+    """The lines a terminal shows for `raw`: \\r returns to the line's start, text overwrites,
+    ESC[A moves up a line; other escape sequences are dropped."""
+    lines, row, col = [[]], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;]*[A-Za-z]|\r|\n|[^\x1b\r\n]", raw):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            if row == len(lines):
+                lines.append([])
+        elif token == "\x1b[A":
+            row = max(row - 1, 0)
+        elif token.startswith("\x1b"):
+            continue
+        else:
+            line = lines[row]
+            line.extend(" " * (col - len(line) + 1))
+            line[col] = token
+            col += 1
+    return ["".join(line).rstrip() for line in lines]
+
+
+def test_progress_bars_show_in_a_terminal_and_stay_off_the_log(tmp_path, tiny_weights, raw_path,
+                                                               monkeypatch):
+    term = Terminal()
+    for name in ("stdout", "stderr", "__stderr__"):
+        monkeypatch.setattr(sys, name, term)
+    finetune.main(["--weights", str(tiny_weights), "--data", str(raw_path), "--output-dir",
+                   str(tmp_path / "run"), "--max-steps", "3", "--eval-freq", "1"])
+    raw = term.getvalue()
+    for bar in ("Looking before training", "Epoch 1", "Accuracy on every split"):
+        assert f"{bar}: " in raw, bar  # each long piece of work showed a bar
+    shown = screen(raw)
+    log = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    assert any(line.startswith("Ep 1 (Step 000000)") for line in log)
+    for line in log:  # every line of the log is a whole line on the screen
+        assert line in shown, (line, [s for s in shown if line[:10] in s])
+
+    term.seek(0)
+    term.truncate()
+    evaluate.main(["--run", str(tmp_path / "run"), "--all-splits", "--data", str(raw_path)])
+    assert "Evaluating every split: " in term.getvalue()
+    assert any(line.startswith("Test accuracy: ") for line in screen(term.getvalue()))
+
+
+def test_no_progress_bar_off_a_terminal(small_run, sms_file, capsys):
+    run_dir, _ = small_run
+    evaluate.main(["--run", str(run_dir), "--all-splits", "--data", str(sms_file)])
+    captured = capsys.readouterr()
+    assert "Evaluating" not in captured.err + captured.out
