@@ -1,7 +1,7 @@
 """End to end: finetune.py and evaluate.py on the real data with a tiny GPT-2 checkpoint.
 
-The chapter's own training code is reproduced below (`chapter_*`), and our printed log must equal
-what it prints, line for line, from the same initial weights.
+The chapter's own code is transcribed in tests/reference.py, and our printed log must equal what
+it prints, line for line, from the same initial weights.
 """
 
 import json
@@ -14,6 +14,7 @@ import data
 import evaluate
 import finetune
 import gpt
+import reference
 
 pytestmark = pytest.mark.slow
 
@@ -45,127 +46,35 @@ def finished_run(tmp_path_factory, tiny_weights, real_data):
     return out, buf.getvalue()
 
 
-# ----------------------------------------------------------------------------- the chapter's code
-
-def chapter_calc_accuracy_loader(data_loader, model, device, num_batches=None):
-    model.eval()
-    correct_predictions, num_examples = 0, 0
-    if num_batches is None:
-        num_batches = len(data_loader)
-    else:
-        num_batches = min(num_batches, len(data_loader))
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i < num_batches:
-            input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-            with torch.no_grad():
-                logits = model(input_batch)[:, -1, :]
-            predicted_labels = torch.argmax(logits, dim=-1)
-            num_examples += predicted_labels.shape[0]
-            correct_predictions += (predicted_labels == target_batch).sum().item()
-        else:
-            break
-    return correct_predictions / num_examples
-
-
-def chapter_calc_loss_batch(input_batch, target_batch, model, device):
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)[:, -1, :]
-    return torch.nn.functional.cross_entropy(logits, target_batch)
-
-
-def chapter_calc_loss_loader(data_loader, model, device, num_batches=None):
-    total_loss = 0.
-    if len(data_loader) == 0:
-        return float("nan")
-    elif num_batches is None:
-        num_batches = len(data_loader)
-    else:
-        num_batches = min(num_batches, len(data_loader))
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i < num_batches:
-            loss = chapter_calc_loss_batch(input_batch, target_batch, model, device)
-            total_loss += loss.item()
-        else:
-            break
-    return total_loss / num_batches
-
-
-def chapter_evaluate_model(model, train_loader, val_loader, device, eval_iter):
-    model.eval()
-    with torch.no_grad():
-        train_loss = chapter_calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = chapter_calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
-
-
-def chapter_train_classifier_simple(model, train_loader, val_loader, optimizer, device,
-                                    num_epochs, eval_freq, eval_iter):
-    lines = []
-    examples_seen, global_step = 0, -1
-    for epoch in range(num_epochs):
-        model.train()
-        for input_batch, target_batch in train_loader:
-            optimizer.zero_grad()
-            loss = chapter_calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
-            optimizer.step()
-            examples_seen += input_batch.shape[0]
-            global_step += 1
-            if global_step % eval_freq == 0:
-                train_loss, val_loss = chapter_evaluate_model(
-                    model, train_loader, val_loader, device, eval_iter)
-                lines.append(f"Ep {epoch+1} (Step {global_step:06d}): "
-                             f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        train_accuracy = chapter_calc_accuracy_loader(train_loader, model, device,
-                                                      num_batches=eval_iter)
-        val_accuracy = chapter_calc_accuracy_loader(val_loader, model, device,
-                                                    num_batches=eval_iter)
-        lines.append(f"Training accuracy: {train_accuracy*100:.2f}% | "
-                     f"Validation accuracy: {val_accuracy*100:.2f}%")
-    return lines
-
-
-def chapter_run(weights_dir, raw_path, num_epochs):
-    """The chapter's procedure, step for step, returning its printed training log."""
-    splits = data.make_splits(data.load_rows(raw_path))
-    tokenizer = data.get_tokenizer()
-    train_ds = data.SpamDataset(splits["train"], tokenizer)
-    val_ds = data.SpamDataset(splits["validation"], tokenizer, train_ds.max_length)
-    torch.manual_seed(123)
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=8, shuffle=True,
-                                               num_workers=0, drop_last=True)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=8, shuffle=False,
-                                             num_workers=0, drop_last=False)
-    model = gpt.load_gpt(weights_dir, plain=True)
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad = False
-    torch.manual_seed(123)
-    model.out_head = torch.nn.Linear(in_features=model.cfg.emb_dim, out_features=2)
-    for param in model.trf_blocks[-1].parameters():
-        param.requires_grad = True
-    for param in model.final_norm.parameters():
-        param.requires_grad = True
-    device = torch.device("cpu")
-    model.to(device)
-    torch.manual_seed(123)
-    chapter_calc_accuracy_loader(train_loader, model, device, num_batches=10)
-    torch.manual_seed(123)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
-    return chapter_train_classifier_simple(model, train_loader, val_loader, optimizer, device,
-                                           num_epochs=num_epochs, eval_freq=50, eval_iter=5)
-
-
-def training_lines(out):
-    return [line for line in out.splitlines() if EP_LINE.match(line) or ACC_LINE.match(line)]
-
-
 # ----------------------------------------------------------------------------- tests
 
-def test_log_equals_the_chapters_code(finished_run, tiny_weights, real_data):
+@pytest.fixture(scope="module")
+def chapter_reference(tiny_weights, real_data):
+    """The chapter's own code (tests/reference.py) run from the same weights, default settings."""
+    return reference.reference_run(tiny_weights, real_data)
+
+
+def test_printout_equals_the_chapters_code(finished_run, chapter_reference):
+    """Every line the chapter prints: the look before training (3 accuracies, 3 losses), each
+    evaluation and epoch, and the three final accuracies."""
     _, out = finished_run
-    assert training_lines(out) == chapter_run(tiny_weights, real_data, num_epochs=5)
+    expected = chapter_reference["lines"]
+    assert len(expected) == 6 + 13 + 5 + 3
+    assert reference.chapter_lines(out) == expected
+
+
+def test_final_training_pass_covers_the_chapters_examples(finished_run, chapter_reference,
+                                                        real_data, capsys):
+    """The chapter's final training pass reads 1,040 of the 1,045 examples (drop_last, drawn
+    from the RNG where training left it); run.json names the others, and evaluate.py leaves out
+    exactly those, so it prints the chapter's three numbers."""
+    run_dir, out = finished_run
+    covered = chapter_reference["covered"]
+    assert len(covered) == 1040
+    info = json.loads((run_dir / "run.json").read_text())
+    assert sorted(set(range(1045)) - covered) == sorted(info["final_train_dropped"])
+    evaluate.main(["--run", str(run_dir), "--data", real_data, "--all-splits"])
+    assert capsys.readouterr().out.splitlines()[:3] == chapter_reference["lines"][-3:]
 
 
 def test_log_lines_and_their_order(finished_run):
@@ -343,21 +252,6 @@ def comparable_lines(out):
     return [line for line in out.splitlines() if not line.startswith(skip)]
 
 
-def assert_same_log(got, expected):
-    """Every line equal, except that a printed loss may differ by one in its last digit (float
-    rounding of the shortcuts); accuracies, counts and the order of lines must be identical."""
-    assert len(got) == len(expected), (got, expected)
-    number = re.compile(r"\d+\.\d+")
-    for a, b in zip(got, expected):
-        if a == b:
-            continue
-        assert number.sub("#", a) == number.sub("#", b) and "loss" in a.lower(), (a, b)
-        for x, y in zip(number.findall(a), number.findall(b)):
-            if "accuracy" in a.lower():
-                assert x == y, (a, b)
-            assert abs(float(x) - float(y)) <= 0.001 + 1e-9, (a, b)
-
-
 def test_fast_and_plain_print_the_same_log(tmp_path, tiny_weights, real_data, capsys):
     def log(*extra):
         out = run_finetune(capsys, "--weights", tiny_weights, "--data", real_data,
@@ -366,8 +260,8 @@ def test_fast_and_plain_print_the_same_log(tmp_path, tiny_weights, real_data, ca
         return comparable_lines(out)
     exact = log("--no-shortcuts")
     assert sum(bool(EP_LINE.match(line) or ACC_LINE.match(line)) for line in exact) == 13
-    assert_same_log(log(), exact)  # the shortcuts are on by default
-    assert_same_log(log("--plain"), exact)
+    reference.assert_same_log(log(), exact)  # the shortcuts are on by default
+    reference.assert_same_log(log("--plain"), exact)
 
 
 @pytest.mark.parametrize("args, message", [
