@@ -13,6 +13,7 @@ Nothing here needs pandas: Python's csv module reads the raw file the way the ch
 import argparse
 import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import http.client
@@ -59,6 +60,51 @@ def cache_dir():
     """Per-user cache folder: $XDG_CACHE_HOME/gpt2-classify, else ~/.cache/gpt2-classify."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "gpt2-classify"
+
+
+# ----------------------------------------------------------------------------- writing files
+
+def existing_parent(path):
+    """`path` itself if it exists, else the nearest folder above it that does."""
+    path = Path(path)
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def describe_os_error(e, path=None):
+    """An OSError in words for an error line: the path and what went wrong there."""
+    reasons = {errno.EROFS: "the filesystem is read-only", errno.ENOSPC: "the disk is full",
+               errno.EDQUOT: "the disk quota is used up", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.ENOTDIR: "part of the path is a file"}
+    where = path or e.filename
+    reason = reasons.get(e.errno, e.strerror or str(e))
+    return f"{where}: {reason}" if where else reason
+
+
+def check_writable(folder, what, fix):
+    """Raise DataError unless files can be made in `folder`, which need not exist yet.
+
+    A probe file of one block is written and removed in the nearest folder of the path that
+    exists, so nothing is left behind, and a path under a file, in /proc or /sys, on a
+    read-only filesystem or a full disk is found before any long work starts. `what` names the
+    folder for the user (`--output-dir`, `the download cache`), `fix` says what to do instead.
+    """
+    folder = Path(folder)
+    there = existing_parent(folder)
+    if not there.is_dir():
+        raise DataError(f"{what} {folder} cannot be made: {there} is a file, not a folder; {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=there, prefix=".write-probe-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(bytes(4096))
+        finally:
+            os.remove(probe)
+    except OSError as e:
+        reason = f"{there}: no files can be made there" if e.errno == errno.ENOENT else \
+            describe_os_error(e, there)  # ENOENT: /proc, say
+        raise DataError(f"{what} {folder} cannot be written ({reason}); {fix}") from e
 
 
 # ----------------------------------------------------------------------------- download
@@ -136,6 +182,8 @@ def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.
     Raises DataError naming every URL tried and why it failed.
     """
     dest = Path(dest)
+    check_writable(dest.parent, "the download folder", "set XDG_CACHE_HOME to a folder that can "
+                   "be written")  # before any time is spent downloading
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in urls:
@@ -360,6 +408,8 @@ def write_atomic(path, data):
             f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
         os.replace(tmp, path)
+    except OSError as e:  # a failed write() names no file: name the one that was not written
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -86,10 +86,19 @@ ECHO_CHARS = 60  # how much of a text that was cut is echoed back
 
 
 def load_run(run_dir, device):
-    """(classifier, run info) from a finished run folder of finetune.py."""
+    """(classifier, run info) from a finished run folder of finetune.py.
+
+    The folder holds the whole model (model.safetensors) or only what training changed
+    (trained.safetensors), which is laid over the base weights that run.json names, after
+    checking by sha256 that they are the very ones the run started from."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunError(f"--run {run_dir} is not a folder; pass a run folder made by finetune.py")
+        hint = ""
+        if (run_dir.with_name(run_dir.name + ".unfinished") / "run.json").is_file():
+            hint = (f"; {run_dir}.unfinished holds a finished run that a crash kept from being "
+                    f"moved there: rename it to {run_dir}")
+        raise RunError(f"--run {run_dir} is not a folder; pass a run folder made by "
+                       f"finetune.py{hint}")
     if not (run_dir / "run.json").is_file():
         raise RunError(f"{run_dir} is not a finished run (no run.json): its training did not "
                        "finish; run finetune.py again or pass another --run")
@@ -111,19 +120,37 @@ def load_run(run_dir, device):
         model = gpt.GPTModel(gpt.config_from_dict(info["model"]))
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{run_dir / 'run.json'} is damaged ({e}); train the run again") from e
-    gpt.add_classification_head(model, info["num_classes"])
+    base = info.get("base")
+    if base:
+        try:
+            gpt.load_base(model, base)
+        except gpt.WeightsError as e:
+            raise RunError(f"{run_dir} keeps only what training changed (trained.safetensors), "
+                           f"but {e}; or train the run again, with --self-contained to keep "
+                           "the whole model") from e
+        flags = info["flags"]
+        with torch.random.fork_rng(devices=[]):  # the head's (and LoRA's) draws are overwritten
+            gpt.setup_classifier(model, info["num_classes"], flags["trainable_layers"],
+                                 flags["lora_rank"], flags["lora_alpha"])
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        expected = {k for k in model.state_dict() if k in trained or k.startswith("out_head.")}
+    else:
+        gpt.add_classification_head(model, info["num_classes"])
+        expected = set(model.state_dict())
+    weights = run_dir / info.get("weights_file", "model.safetensors")
     try:
-        state = gpt.read_tensors(run_dir / "model.safetensors", fix="train the run again")
+        state = gpt.read_tensors(weights, fix="train the run again")
     except gpt.WeightsError as e:
         raise RunError(str(e)) from e
     own = model.state_dict()
-    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    missing, unexpected = expected - state.keys(), state.keys() - expected
     wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
         raise RunError(f"the weights in {run_dir} do not fit its run.json: missing "
                        f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, wrong "
                        f"shape {sorted(wrong)[:3]}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not base)
+    gpt.merge_lora(model)  # a no-op unless LoRA layers were put back over a base
     model.to(device).eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(info.get("precision"))
     if dtype is torch.float16 and device.type != "cuda":
@@ -262,6 +289,8 @@ def main(argv=None):
             print(f"{label:<8}  {prob:.4f}  {shown}")
     except (ValueError, RunError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a file that cannot be read or written: one line, naming it
+        sys.exit(f"error: {data.describe_os_error(e)}")
 
 
 if __name__ == "__main__":

@@ -91,8 +91,9 @@ NUMBERS = tuple(row.number for row in ROWS)
 
 # TrainConfig fields that say where and how a run happens, not what it computes: left out of the
 # settings column and of the check that a finished row matches (--no-initial-eval only skips a
-# printout, and the device has its own column).
-NOT_SETTINGS = {"data", "output_dir", "overwrite", "device", "initial_eval"}
+# printout, --self-contained only says how the weights are kept, and the device has its own
+# column).
+NOT_SETTINGS = {"data", "output_dir", "overwrite", "device", "initial_eval", "self_contained"}
 
 
 # ----------------------------------------------------------------------------- rows as runs
@@ -291,6 +292,9 @@ def parse_args(argv=None):
                    "(default: finetune's, 5, as in the chapter)")
     p.add_argument("--max-steps", type=int,
                    help="stop every row after this many training steps: a quick smoke run")
+    p.add_argument("--self-contained", action="store_true",
+                   help="finetune.py's --self-contained: each row folder keeps its whole model, "
+                   "not only what training changed")
     p.add_argument("--rerun", action="store_true",
                    help="train the chosen rows again even where finished, replacing them")
     return p.parse_args(argv)
@@ -314,6 +318,7 @@ def plan(args):
         if getattr(args, name) is not None:
             extra += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     extra += ["--no-shortcuts"] * args.no_shortcuts + ["--overwrite"] * args.rerun
+    extra += ["--self-contained"] * args.self_contained
     configs = {}
     for n in numbers:
         folder = Path(args.output_dir) / f"row-{n:02d}"
@@ -361,7 +366,7 @@ def main(argv=None):
             try:
                 finetune.run(cfg)
                 ran.append(n)
-            except (ValueError, data.DataError, gpt.WeightsError) as e:
+            except finetune.ERRORS as e:
                 failed[n] = str(e)  # noted in the table; the other rows still run
                 print(f"error: row {n}: {e}", file=sys.stderr, flush=True)
             write_table(out_dir, numbers, failed)

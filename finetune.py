@@ -11,9 +11,13 @@ settings (run.json, model.safetensors), metrics.json, log.txt and the loss and a
 
 import argparse
 import contextlib
+import errno
 import io
+import json
 import math
+import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -60,6 +64,7 @@ class TrainConfig:
     plain: bool = False
     initial_eval: bool = True
     trunk_cache_gb: float = None  # the frozen-trunk cache's memory cap; None: a quarter of RAM
+    self_contained: bool = False
 
 
 # ----------------------------------------------------------------------------- loss, evaluation
@@ -222,7 +227,9 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label, out
 
 def plot_history(history, out_dir):
     """The loss and accuracy plots, against the epochs and examples seen at each point (the
-    chapter spreads them evenly over the epochs asked for, which only fits a whole run)."""
+    chapter spreads them evenly over the epochs asked for, which only fits a whole run).
+    Returns the names of the files written."""
+    written = []
     per_epoch = history["examples_per_epoch"]
     for label, train_key, val_key, at in (
             ("loss", "train_losses", "val_losses", "loss_examples_seen"),
@@ -234,6 +241,8 @@ def plot_history(history, out_dir):
         span = (history["examples_seen"] / per_epoch, history["examples_seen"])
         plot_values(epochs_seen, examples_seen, history[train_key], history[val_key], label,
                     out_dir, span)
+        written += [f"{label}-plot.pdf", f"{label}-plot.png"]
+    return written
 
 
 class Tee:
@@ -263,11 +272,32 @@ class Tee:
             s.flush()
 
 
-def save_model(model, path):
-    """The uncompiled GPTModel's weights as safetensors, written atomically."""
+def weights_to_save(model, base, merge=True):
+    """(file name, tensors) that the run folder keeps of the trained model.
+
+    With `base` (the identity of the weights training started from, see gpt.base_identity) only
+    what training changed: the trainable tensors and the new class head, in trained.safetensors,
+    which evaluate.py lays over the base again. Without one (random weights, --self-contained),
+    or where every tensor trained anyway, the whole model in model.safetensors, LoRA folded in
+    (which changes `model` in place: call it last; `merge=False` leaves LoRA unfolded, for an
+    estimate of the size).
+    """
+    state = model.state_dict()
+    if base is not None:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        keep = {k: v for k, v in state.items() if k in trained or k.startswith("out_head.")}
+        if len(keep) < len(state):
+            return "trained.safetensors", keep
+    if merge and any(isinstance(m, gpt.LoRALinear) for m in model.modules()):
+        gpt.merge_lora(model)  # a plain GPT-2 with a class head
+        state = model.state_dict()
+    return "model.safetensors", state
+
+
+def save_model(tensors, path):
+    """Tensors as safetensors, written atomically."""
     from safetensors.torch import save
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    data.write_atomic(path, save(state))
+    data.write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
 def dropped_examples(loader):
@@ -285,22 +315,180 @@ def dropped_examples(loader):
     return sorted(set(range(n)) - seen)
 
 
-def prepare_output_dir(cfg):
-    """The run folder: new, unfinished, or finished and --overwrite given. Raises ValueError."""
+# Every file a run writes (run.json lists those of each finished run, too): --overwrite
+# replaces a folder only when it holds nothing else.
+RUN_FILES = {"run.json", "log.txt", "metrics.json", "model.safetensors", "trained.safetensors",
+             "loss-plot.pdf", "loss-plot.png", "accuracy-plot.pdf", "accuracy-plot.png"}
+
+
+class RunFailed(Exception):
+    """A run that stopped after its folder was made; the message says what was kept, where."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what was kept, where."""
+
+
+def unfinished_path(out):
+    """Where a run that will replace the finished run in `out` is built until it finishes."""
+    return out.with_name(out.name + ".unfinished")
+
+
+def run_files(out):
+    """The names in `out` that finetune.py wrote (`out` holding a finished run)."""
+    try:
+        listed = set(json.loads((out / "run.json").read_text(encoding="utf-8")).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    return RUN_FILES | listed
+
+
+def plan_output_dir(cfg):
+    """(run folder, whether it holds a finished run that --overwrite replaces), checked before
+    any work and without touching anything. Raises ValueError or data.DataError."""
     if cfg.output_dir is None:
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         while out.exists():  # two runs started within the same second
             out = out.with_name(out.name + "-1")
     else:
         out = Path(cfg.output_dir)
-    if (out / "run.json").exists() and not cfg.overwrite:
-        raise ValueError(f"{out} holds a finished run; pass --overwrite to replace it, or "
-                         "choose another --output-dir")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").unlink(missing_ok=True)  # unfinished until the new run.json is written
-    return out
+    replace = (out / "run.json").is_file()
+    if replace and not cfg.overwrite:
+        raise ValueError(f"{out} holds a finished run; pass --overwrite to replace it, or "
+                         "choose another --output-dir")
+    if replace:
+        others = sorted(n for n in os.listdir(out)
+                        if n not in run_files(out) and not n.endswith(".part"))
+        if others:
+            raise ValueError(f"--overwrite would replace the run folder {out}, but it also "
+                             f"holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, "
+                             "which finetune.py did not write; move them out first, or choose "
+                             "another --output-dir")
+        if (unfinished_path(out) / "run.json").exists():
+            raise ValueError(f"{unfinished_path(out)} holds a finished run that was never moved "
+                             f"into {out}; rename or delete it first")
+    data.check_writable(out, "--output-dir", "choose another --output-dir, on a disk that can be "
+                        "written")
+    return out, replace
+
+
+def check_free_space(out, tensors):
+    """Refuse a run whose files will not fit on the disk, before training rather than after."""
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) + (2 << 20)  # + plots
+    there = data.existing_parent(out)
+    free = shutil.disk_usage(there).free
+    if free < need:
+        raise ValueError(f"--output-dir {out}: the run will write about {need / 1e6:,.0f} MB, but "
+                         f"only {free / 1e6:,.0f} MB are free on the disk of {there}; free some "
+                         "space or choose another --output-dir")
+
+
+class RunLog:
+    """log.txt: held in memory until the run folder is made, then written there line by line."""
+
+    def __init__(self):
+        self.early, self.file = io.StringIO(), None
+
+    def write(self, text):
+        (self.file or self.early).write(text)
+        return len(text)
+
+    def flush(self):
+        if self.file:
+            self.file.flush()
+
+
+class RunFolder:
+    """The run folder, made only when `make()` is called: once every input has passed its checks.
+
+    Used as `with RunFolder(out, replace) as folder:` around the whole run, it decides what a
+    failure leaves. Before `make()`, nothing: the error passes through and no folder was made.
+    After it, the log (with the error line) is kept and the error raised says what was kept,
+    where. A new or unfinished `out` is written in place; a finished run in `out` (--overwrite)
+    stays untouched while the new run is built in out.unfinished, which takes its place only
+    once it has finished (`swap_in`).
+    """
+
+    def __init__(self, out, replace):
+        self.out, self.replace, self.log = out, replace, RunLog()
+        self.work = unfinished_path(out) if replace else out
+        self.made = False
+
+    def make(self):
+        work = self.work
+        if self.replace and work.exists():
+            shutil.rmtree(work)  # an earlier attempt that did not finish
+        work.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES - {"log.txt"}:  # an unfinished run's leftovers, not this run's
+            (work / name).unlink(missing_ok=True)
+        self.log.file = open(work / "log.txt", "w", encoding="utf-8", buffering=1)
+        self.log.file.write(self.log.early.getvalue())
+        self.made = True
+        return work
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if not self.made:
+            return False
+        try:
+            self.log.file.close()
+            if e is None and self.replace:
+                swap_in(self.work, self.out)
+        except OSError as late:
+            e = late
+        if e is None:
+            return False
+        error = self.failed(e)
+        if error is e:
+            return False  # an unexpected error (a bug): logged, and raised as it is
+        raise error from e
+
+    def failed(self, e):
+        """The error to raise for `e`, its line written to the log as well."""
+        out, work = self.out, self.work
+        if work == out:
+            kept = f"{out / 'log.txt'} keeps the log; the run is unfinished (no run.json)"
+        else:
+            kept = (f"the finished run in {out} is unchanged; this run's log is in "
+                    f"{work / 'log.txt'}")
+        if isinstance(e, KeyboardInterrupt):
+            error, message = Interrupted, "interrupted"
+        elif isinstance(e, OSError):
+            error, message = RunFailed, f"could not write {data.describe_os_error(e)}"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                message += "; free some space, then train again"
+        elif isinstance(e, (ValueError, data.DataError, gpt.WeightsError, Diverged)):
+            error, message = RunFailed, str(e)
+        else:
+            error, message = None, f"{type(e).__name__}: {e}"
+        line = f"{message}. Kept: {kept}"
+        try:
+            with open(work / "log.txt", "a", encoding="utf-8") as f:
+                f.write(f"{'' if error is Interrupted else 'error: '}{line}\n")
+        except OSError:
+            pass  # a full disk, say: the line still goes to the terminal
+        return error(line) if error else e
+
+
+def swap_in(work, out):
+    """Move the finished run in `work` to `out`, in place of the finished run there.
+
+    Two renames: at every moment `out` holds a finished run, except between them, where a crash
+    would leave the old run in out.replaced and the new one in out.unfinished, both whole.
+    """
+    old = out.with_name(out.name + ".replaced")
+    if old.exists():
+        shutil.rmtree(old)  # a run replaced earlier, by a swap cut short after its second rename
+    os.rename(out, old)
+    os.rename(work, out)
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------- set-up and CLI
@@ -387,15 +575,16 @@ def build_optimizer(model, cfg, device):
 
 def run(cfg):
     """The whole chapter-6 procedure; returns the run folder. Raises ValueError,
-    data.DataError or gpt.WeightsError for bad input."""
+    data.DataError, gpt.WeightsError for bad input (checked before the run folder is touched),
+    RunFailed or Interrupted for a run that failed or was stopped later."""
     check_config(cfg)
     device = select_device(cfg.device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
-    out = prepare_output_dir(cfg)
+    out, replace = plan_output_dir(cfg)
     start = time.time()
-    with open(out / "log.txt", "w", encoding="utf-8") as log, \
-            contextlib.redirect_stdout(Tee(sys.stdout, log)):
+    with RunFolder(out, replace) as folder, \
+            contextlib.redirect_stdout(Tee(sys.stdout, folder.log)):
         print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision})")
 
         # 1. Data: the balanced split, tokenized; max_length from the training set.
@@ -408,6 +597,8 @@ def run(cfg):
         # 2. The model (random weights are drawn right after seeding).
         torch.manual_seed(cfg.seed)  # the initial weights, where they are random
         model = gpt.load_gpt(cfg.weights, plain=cfg.plain)
+        # What the run folder needs to find these weights again, if it is not to hold them all.
+        base = None if cfg.self_contained else gpt.base_identity(model)
         if cfg.disable_causal_mask:
             gpt.set_causal(model, False)
         context = model.cfg.context_length
@@ -449,6 +640,12 @@ def run(cfg):
         n_all = sum(p.numel() for p in model.parameters())
         print(f"Trainable parameters: {n_train:,} of {n_all:,}")
 
+        # The run folder's weights file must fit on its disk: known now, before any long work.
+        check_free_space(out, weights_to_save(model, base, merge=False)[1])
+
+        # Every input has passed its checks: only now is the run folder made. From here on a
+        # failure keeps the log, the error line in it (a finished run being replaced: as it was).
+        work = folder.make()
         if cfg.initial_eval:  # the chapter's look before training; the run reseeds below
             before, _ = build_classifier(model, cfg, device)  # own cache: training starts cold
             torch.manual_seed(cfg.seed)
@@ -493,22 +690,28 @@ def run(cfg):
         for split_name, s in zip(("Training", "Validation", "Test"), data.SPLITS):
             print(f"{split_name} accuracy: {final[s]*100:.2f}%")
 
-        plot_history(history, out)
-        if cfg.trainable_layers == "lora":
-            gpt.merge_lora(model)  # the saved weights are a plain GPT-2 with a class head
-        save_model(model, out / "model.safetensors")
-        data.write_json(out / "metrics.json", {
+        files = plot_history(history, work)
+        weights_file, tensors = weights_to_save(model, base)
+        bad = gpt.nonfinite(tensors)
+        if bad:
+            raise diverged(f"the weight {bad[0]} holds NaN or infinite values",
+                           history["steps"] - 1, cfg.epochs - 1, cfg)
+        save_model(tensors, work / weights_file)
+        data.write_json(work / "metrics.json", {
             "history": history, "final_accuracy": final, "train_minutes": train_minutes,
             "total_minutes": (time.time() - start) / 60, "device": str(device),
             "device_name": device_name(device), "torch": torch.__version__})
         # run.json last: its presence marks the run as finished.
-        data.write_json(out / "run.json", {
+        data.write_json(work / "run.json", {
             "model": asdict(model.cfg), "num_classes": len(data.CLASS_NAMES),
             "class_names": list(data.CLASS_NAMES), "max_length": train_ds.max_length,
             "pad_id": data.PAD_ID, "padding": not cfg.no_padding,
             "token_position": cfg.token_position, "average_embeddings": cfg.average_embeddings,
             "precision": cfg.precision, "batch_size": cfg.batch_size,
-            "final_train_dropped": dropped, "data": source, "flags": asdict(cfg)})
+            "final_train_dropped": dropped, "data": source, "flags": asdict(cfg),
+            "weights_file": weights_file,
+            "base": base if weights_file == "trained.safetensors" else None,
+            "files": sorted(files + [weights_file, "metrics.json", "run.json", "log.txt"])})
         print(f"Saved the fine-tuned model to {out}")
     return out
 
@@ -526,6 +729,10 @@ def cut_note(datasets):
     max_length = next(iter(datasets.values())).max_length
     return (f"note: the context length of {max_length} tokens cuts " + ", ".join(parts) +
             f"; only their first {max_length} tokens are classified")
+
+
+# What run() raises for bad input or a failed run: one error line each, never a traceback.
+ERRORS = (ValueError, data.DataError, gpt.WeightsError, Diverged, RunFailed, OSError)
 
 
 def device_name(device):
@@ -557,7 +764,11 @@ def parse_args(argv=None):
     a("--device", default=d.device, choices=("auto", "cpu", "cuda", "mps"),
       help="auto picks cuda, then mps (torch >= 2.9 only), then cpu (default: auto)")
     a("--output-dir", metavar="DIR", help="the run folder (default: a new runs/<timestamp>)")
-    a("--overwrite", action="store_true", help="replace a finished run in --output-dir")
+    a("--overwrite", action="store_true", help="replace a finished run in --output-dir (once "
+      "the new run has finished; until then the old one stays as it is)")
+    a("--self-contained", action="store_true", help="keep the whole model in the run folder "
+      "(model.safetensors) instead of only what training changed (trained.safetensors) plus the "
+      "name and sha256 of the base weights; always so with random weights")
     a("--epochs", type=int, default=d.epochs, help="passes over the training set (default: 5)")
     a("--batch-size", type=int, default=d.batch_size, help="examples per batch (default: 8)")
     a("--lr", type=float, default=d.lr, help="AdamW learning rate (default: 5e-5)")
@@ -615,10 +826,12 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except (ValueError, data.DataError, gpt.WeightsError, Diverged) as e:
-        sys.exit(f"error: {e}")
+    except ERRORS as e:
+        sys.exit(f"error: {data.describe_os_error(e) if isinstance(e, OSError) else e}")
+    except Interrupted as e:
+        sys.exit(str(e))
     except KeyboardInterrupt:
-        sys.exit("interrupted; the run folder is left unfinished (no run.json)")
+        sys.exit("interrupted before training began; no run folder was made")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Face format (config.json + model.safetensors) and are mapped onto these names by
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -721,15 +722,15 @@ def download_weights(name, cache=None, **download_kw):
     return folder
 
 
-def load_gpt(weights="small", cache=None, plain=False):
-    """A GPTModel from a preset name (downloaded), a Hugging Face-format folder, or random init.
+def is_random(weights):
+    """True for `random` and `random-medium`, `random-large`, `random-xl`."""
+    name = str(weights).lower()
+    return name == "random" or name.startswith("random-") and name[7:] in PRESETS
 
-    `random` is a small-sized model with PyTorch's default initialisation (`random-medium`,
-    `random-large`, `random-xl` for the other sizes); the caller seeds torch first.
-    """
+
+def weights_folder(weights, cache=None):
+    """The Hugging Face-format folder of a preset (downloaded once) or a folder given as is."""
     name = ALIASES.get(str(weights).lower(), str(weights).lower())
-    if name == "random" or name.startswith("random-") and name[7:] in PRESETS:
-        return GPTModel(PRESETS[name[7:] or "small"][0], plain=plain)
     if name in PRESETS:
         folder = download_weights(name, cache)
     else:
@@ -741,8 +742,71 @@ def load_gpt(weights="small", cache=None, plain=False):
         if not (folder / file).is_file():
             raise WeightsError(f"{folder} has no {file}; a weights folder holds config.json and "
                                "model.safetensors (Hugging Face format)")
+    return folder
+
+
+def load_gpt(weights="small", cache=None, plain=False):
+    """A GPTModel from a preset name (downloaded), a Hugging Face-format folder, or random init.
+
+    `random` is a small-sized model with PyTorch's default initialisation (`random-medium`,
+    `random-large`, `random-xl` for the other sizes); the caller seeds torch first.
+    """
+    if is_random(weights):
+        name = str(weights).lower()
+        return GPTModel(PRESETS[name[7:] or "small"][0], plain=plain)
+    folder = weights_folder(weights, cache)
     model = GPTModel(config_from_hf(folder / "config.json"), plain=plain)
-    return load_hf_weights(model, read_safetensors(folder / "model.safetensors"))
+    load_hf_weights(model, read_safetensors(folder / "model.safetensors"))
+    name = ALIASES.get(str(weights).lower(), str(weights).lower())
+    # Where the weights came from, for base_identity: random weights have no such record.
+    model.source = {"weights": name if name in PRESETS else str(folder.resolve()),
+                    "file": str(folder / "model.safetensors")}
+    return model
+
+
+def file_sha256(path):
+    """The sha256 of a file, read in 1 MiB pieces (a 6 GB checkpoint never sits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def base_identity(model):
+    """What a run needs to find the weights `model` was loaded from again: {"weights": the
+    preset's name or the folder's absolute path, "sha256": of its model.safetensors}; None for
+    random weights (made by load_gpt with no `source`), which cannot be found again."""
+    source = getattr(model, "source", None)
+    if source is None:
+        return None
+    return {"weights": source["weights"], "sha256": file_sha256(source["file"])}
+
+
+def load_base(model, base, cache=None):
+    """Load into `model` the very base weights named by `base` (from `base_identity`): a preset
+    is downloaded again if the cache lost it; a folder must still be where it was. Raises
+    WeightsError when they are gone or their sha256 differs (other weights would silently give
+    other numbers)."""
+    name = base["weights"]
+    if name in PRESETS:
+        try:
+            folder = download_weights(name, cache)
+        except WeightsError as e:
+            raise WeightsError(f"its base weights, OpenAI's GPT-2 {name}, are not in the cache "
+                               f"and could not be downloaded ({e.__cause__ or e})") from e
+    else:
+        folder = Path(name)
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        raise WeightsError(f"its base weights {file} are gone; put that folder back where it "
+                           "was")
+    digest = file_sha256(file)
+    if digest != base["sha256"]:
+        raise WeightsError(f"its base weights {file} are not the ones it was trained from "
+                           f"(sha256 {digest[:12]}..., where the run recorded "
+                           f"{base['sha256'][:12]}...); put the original file back")
+    return load_hf_weights(model, read_safetensors(file))
 
 
 def config_from_dict(d):

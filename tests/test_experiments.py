@@ -273,7 +273,7 @@ def counted_runs(monkeypatch):
 def test_resuming_keeps_finished_rows(copy_of_two_rows, counted_runs, tiny_weights, raw_path,
                                       capsys):
     out = copy_of_two_rows
-    before = {n: (out / f"row-0{n}" / "model.safetensors").read_bytes() for n in (1, 2)}
+    before = {n: (out / f"row-0{n}" / "trained.safetensors").read_bytes() for n in (1, 2)}
     experiments.main(argv(out, tiny_weights, raw_path, "1,2"))
     assert counted_runs == []
     assert "Row 1: finished" in capsys.readouterr().out
@@ -283,8 +283,8 @@ def test_resuming_keeps_finished_rows(copy_of_two_rows, counted_runs, tiny_weigh
     (out / "row-02" / "run.json").unlink()
     experiments.main(argv(out, tiny_weights, raw_path, "1,2,3"))
     assert counted_runs == ["row-02", "row-03"]
-    assert (out / "row-01" / "model.safetensors").read_bytes() == before[1]
-    assert (out / "row-02" / "model.safetensors").read_bytes() == before[2]  # same numbers
+    assert (out / "row-01" / "trained.safetensors").read_bytes() == before[1]
+    assert (out / "row-02" / "trained.safetensors").read_bytes() == before[2]  # same numbers
     assert sorted(table_rows((out / "experiments.md").read_text())) == [1, 2, 3]
 
 

@@ -99,7 +99,7 @@ def test_log_lines_and_their_order(finished_run):
 
 def test_run_folder_holds_everything(finished_run):
     run_dir, out = finished_run
-    for name in ("model.safetensors", "run.json", "metrics.json", "log.txt", "loss-plot.pdf",
+    for name in ("trained.safetensors", "run.json", "metrics.json", "log.txt", "loss-plot.pdf",
                  "loss-plot.png", "accuracy-plot.pdf", "accuracy-plot.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert not list(run_dir.glob("*.part"))
@@ -196,21 +196,24 @@ def test_evaluate_refuses_bad_runs(tmp_path, finished_run):
     info = json.loads((run_dir / "run.json").read_text())
     info["model"]["emb_dim"] = 64  # weights no longer fit the config
     (broken / "run.json").write_text(json.dumps(info))
-    (broken / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
-    with pytest.raises(SystemExit, match="^error: .*do not fit"):
+    name = info["weights_file"]
+    (broken / name).write_bytes((run_dir / name).read_bytes())
+    with pytest.raises(SystemExit, match="^error: .*(do|does) not fit"):
         evaluate.main(["--run", str(broken), "--text", "hi"])
-    (broken / "model.safetensors").write_bytes(b"garbage")
+    info["model"]["emb_dim"] = 32
+    (broken / "run.json").write_text(json.dumps(info))
+    (broken / name).write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="^error: .*not a readable safetensors file"):
         evaluate.main(["--run", str(broken), "--text", "hi"])
 
 
 def test_a_finished_run_is_not_overwritten(finished_run, tiny_weights, real_data):
     run_dir, _ = finished_run
-    before = (run_dir / "model.safetensors").read_bytes()
+    before = (run_dir / "trained.safetensors").read_bytes()
     with pytest.raises(SystemExit, match="^error: .*finished run.*--overwrite"):
         finetune.main(["--weights", str(tiny_weights), "--data", real_data,
                        "--output-dir", str(run_dir), "--max-steps", "1"])
-    assert (run_dir / "model.safetensors").read_bytes() == before
+    assert (run_dir / "trained.safetensors").read_bytes() == before
     assert (run_dir / "run.json").exists()
 
 
