@@ -273,9 +273,15 @@ def class_probabilities(texts, classifier, tokenizer, info, device, batch_size=3
     """(probabilities (N, C) float32 on the CPU, truncated flags) for a list of texts, each
     encoded, cut and padded as in training; a text is `truncated` if it had more tokens than
     the run's max_length. Without padding (runs trained with --no-padding) each text runs alone,
-    as it did in training. `lock`, if given, is held around each forward pass."""
+    as it did in training. `lock`, if given, is held around each forward pass. A text the
+    tokenizer refuses raises ValueError naming it as texts[i]."""
     max_length = min(info["max_length"], classifier.gpt.cfg.context_length)
-    encoded = [tokenizer.encode(text) for text in texts]
+    encoded = []
+    for i, text in enumerate(texts):
+        try:
+            encoded.append(data.encode(text, tokenizer, pad=False))
+        except ValueError as e:  # e.g. tiktoken refuses "<|endoftext|>" inside a text
+            raise ValueError(f"texts[{i}] cannot be tokenized: {str(e).splitlines()[0]}") from e
     truncated = [len(ids) > max_length for ids in encoded]
     ids = [data.truncate_and_pad(e, max_length, pad=info["padding"]) for e in encoded]
     step = batch_size if info["padding"] else 1
@@ -358,6 +364,8 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
             answer()
         except RequestError as e:
             self._send_json(e.status, {"error": str(e)}, e.headers)
+        except (BrokenPipeError, ConnectionResetError):  # the client went away
+            self.close_connection = True
         except Exception as e:  # a bug, not the client's fault: say so and keep serving
             self.log_error("error on %s %s: %r", method, path, e)
             self._send_json(500, {"error": f"the server failed on this request ({e!r})"})
@@ -409,8 +417,11 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(400, "the body ended before its Content-Length")
         texts = parse_texts(body)
         srv = self.server
-        probs, truncated = class_probabilities(texts, srv.classifier, srv.tokenizer, srv.info,
-                                               srv.device, lock=srv.model_lock)
+        try:
+            probs, truncated = class_probabilities(texts, srv.classifier, srv.tokenizer,
+                                                   srv.info, srv.device, lock=srv.model_lock)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
         names = srv.info["class_names"]
         self._send_json(200, {"predictions": [
             {"label": names[int(p.argmax())],

@@ -209,6 +209,16 @@ def test_bad_requests_get_a_json_error_and_the_server_goes_on(server, what, path
     assert got == 200 and answer["predictions"][0]["label"] in ("not spam", "spam")
 
 
+def test_a_text_the_tokenizer_refuses_is_a_client_error(server):
+    """tiktoken refuses "<|endoftext|>" inside a text; that is the request's fault, not a 500.
+    (Should the tokenizer come to take it as plain text, the text is simply classified.)"""
+    got, _, answer = post(server.base, ["hi", "a special <|endoftext|> token"])
+    assert got in (200, 400), answer
+    if got == 400:
+        assert answer["error"].startswith("texts[1] cannot be tokenized")
+    assert post(server.base, [HAM])[0] == 200
+
+
 def raw_exchange(server, payload):
     """Send raw bytes, read until the server closes; the status line and JSON body."""
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as s:
