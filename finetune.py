@@ -358,14 +358,17 @@ def plan_output_dir(cfg):
     if replace and not cfg.overwrite:
         raise ValueError(f"{out} holds a finished run; pass --overwrite to replace it, or "
                          "choose another --output-dir")
-    if replace:
-        others = sorted(n for n in os.listdir(out)
-                        if n not in run_files(out) and not n.endswith(".part"))
-        if others:
+    others = sorted(n for n in os.listdir(out) if n not in run_files(out)
+                    and not n.endswith(".part")) if out.is_dir() else []
+    if others:  # never overwrite or delete what a user put there (their weights, say)
+        names = f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
+        if replace:
             raise ValueError(f"--overwrite would replace the run folder {out}, but it also "
-                             f"holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, "
-                             "which finetune.py did not write; move them out first, or choose "
-                             "another --output-dir")
+                             f"holds {names}, which finetune.py did not write; move them out "
+                             "first, or choose another --output-dir")
+        raise ValueError(f"--output-dir {out} already holds {names}, which finetune.py did not "
+                         "write; choose a new or empty folder")
+    if replace:
         if (unfinished_path(out) / "run.json").exists():
             raise ValueError(f"{unfinished_path(out)} holds a finished run that was never moved "
                              f"into {out}; rename or delete it first")
@@ -421,8 +424,6 @@ class RunFolder:
         if self.replace and work.exists():
             shutil.rmtree(work)  # an earlier attempt that did not finish
         work.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES - {"log.txt"}:  # an unfinished run's leftovers, not this run's
-            (work / name).unlink(missing_ok=True)
         self.log.file = open(work / "log.txt", "w", encoding="utf-8", buffering=1)
         self.log.file.write(self.log.early.getvalue())
         self.made = True

@@ -529,3 +529,19 @@ def test_a_preset_base_is_downloaded_again_and_checked(tiny_weights, data_path, 
     monkeypatch.setattr(gpt, "HF_URL", http_server.base + "/{repo}/{file}")
     assert final_accuracies(out) == expected
     assert (preset / "model.safetensors").is_file()
+
+
+def test_a_folder_of_other_files_is_never_written_into(tiny_weights, data_path, tmp_path):
+    # --output-dir given the weights folder by mistake: its model.safetensors must survive
+    folder = copy_weights(tiny_weights, tmp_path / "gpt2")
+    before = snapshot(folder)
+    message = fails(finetune.main, quick(folder, data_path, folder, "--self-contained"))
+    assert "config.json" in message and "choose a new or empty folder" in message
+    assert snapshot(folder) == before
+
+
+def test_an_unfinished_run_is_replaced_in_place(tiny_weights, data_path, tmp_path):
+    out = tmp_path / "run"
+    fails(finetune.main, quick(tiny_weights, data_path, out, "--lr", "1e20"))  # unfinished
+    finetune.main(quick(tiny_weights, data_path, out))
+    assert (out / "run.json").is_file() and "error:" not in (out / "log.txt").read_text()
