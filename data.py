@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import ddp
+
 # The UCI archive first, then the chapter's backup copy of the same zip.
 URLS = (
     "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
@@ -130,13 +132,14 @@ class _NoBar:
 
 
 def progress(iterable=None, desc=None, total=None, unit="it", **kw):
-    """A progress bar on stderr, shown only when stderr is a terminal (tqdm is optional)."""
+    """A progress bar on stderr, shown only when stderr is a terminal (tqdm is optional), and
+    under torchrun by rank 0 alone."""
     try:
         from tqdm import tqdm
     except ImportError:
         return _NoBar(iterable)
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, disable=None,
-                file=sys.stderr, **kw)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False,
+                disable=None if ddp.is_main() else True, file=sys.stderr, **kw)
 
 
 def _progress(total, desc):

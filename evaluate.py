@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import data
+import ddp
 import gpt
 
 
@@ -39,18 +40,24 @@ def select_device(name="auto"):
 
 def calc_accuracy_loader(data_loader, model, device, num_batches=None):
     """Share of examples whose argmax class is the label, over the first `num_batches` batches
-    (the whole loader by default). `model` maps token ids (B, T) to class logits (B, C)."""
+    (the whole loader by default). `model` maps token ids (B, T) to class logits (B, C).
+    Under torchrun each process classifies its share of each batch and the counts are added up."""
     model.eval()
     correct_predictions, num_examples = 0, 0
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
+        input_batch, target_batch = ddp.share(input_batch), ddp.share(target_batch)
+        if len(target_batch) == 0:  # under torchrun: a short last batch left this process none
+            continue
         input_batch, target_batch = input_batch.to(device), target_batch.to(device)
         with torch.no_grad():
             predicted_labels = torch.argmax(model(input_batch), dim=-1)
         num_examples += predicted_labels.shape[0]
         correct_predictions += (predicted_labels == target_batch).sum().item()
+    if ddp.world() > 1:
+        correct_predictions, num_examples = ddp.sum_over_ranks(correct_predictions, num_examples)
     return correct_predictions / num_examples if num_examples else float("nan")
 
 

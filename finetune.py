@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
 import data
+import ddp
 import gpt
 from evaluate import calc_accuracy_loader, select_device
 
@@ -87,9 +88,26 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, ignore_index=
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total_loss += calc_loss_batch(input_batch, target_batch, model, device,
-                                      ignore_index).item()
+        if ddp.world() > 1:
+            total_loss += shared_loss_batch(input_batch, target_batch, model, device,
+                                            ignore_index)
+        else:
+            total_loss += calc_loss_batch(input_batch, target_batch, model, device,
+                                          ignore_index).item()
     return total_loss / num_batches
+
+
+def shared_loss_batch(input_batch, target_batch, model, device, ignore_index=-100):
+    """Under torchrun: the mean loss of a whole batch of which each process holds a share
+    (the sums of the example losses and their counts, added up over the processes)."""
+    input_batch, target_batch = ddp.share(input_batch), ddp.share(target_batch).to(device)
+    loss_sum = 0.0
+    if len(target_batch):  # the last batch of an evaluation may leave a process none
+        logits = model(input_batch.to(device))
+        loss_sum = F.cross_entropy(logits, target_batch, ignore_index=ignore_index,
+                                   reduction="sum").item()
+    loss_sum, count = ddp.sum_over_ranks(loss_sum, (target_batch != ignore_index).sum())
+    return loss_sum / count if count else float("nan")
 
 
 def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_index=-100):
@@ -119,6 +137,7 @@ def diverged(what, step, epoch, cfg):
 def check_finite_weights(model, step, epoch, cfg):
     """Raise Diverged if a trainable weight holds NaN or inf: one device sync, so it is done
     once per epoch, not per step."""
+    model = getattr(model, "module", model)  # under torchrun: the Classifier under DDP
     model = getattr(model, "gpt", model)  # the GPTModel under a Classifier: its own names
     bad = gpt.nonfinite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
     if bad:
@@ -152,7 +171,9 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
         for batch_idx, (input_batch, target_batch) in enumerate(progress(train_loader, epoch)):
             if batch_idx % k == 0:
                 optimizer.zero_grad(set_to_none=True)
-            loss = calc_loss_batch(input_batch, target_batch, model, device, cfg.ignore_index)
+            # Under torchrun each process takes its share of the batch; DDP averages gradients.
+            loss = calc_loss_batch(ddp.share(input_batch), ddp.share(target_batch), model, device,
+                                   cfg.ignore_index)
             # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
             scaler.scale(loss / k if k > 1 else loss).backward()
             last = cfg.max_steps is not None and global_step + 2 >= cfg.max_steps  # --max-steps
@@ -475,6 +496,23 @@ class RunFolder:
         return error(line) if error else e
 
 
+class NoFolder:
+    """The run folder of a process other than rank 0 under torchrun: nothing written or printed."""
+
+    def __init__(self):
+        self.log = open(os.devnull, "w")
+
+    def make(self):
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.log.close()
+        return False
+
+
 def swap_in(work, out):
     """Move the finished run in `work` to `out`, in place of the finished run there.
 
@@ -519,6 +557,10 @@ def check_config(cfg):
         raise ValueError("--trunk-cache-gb must be 0 (no cache) or more")
     if cfg.average_embeddings and cfg.token_position != "last":
         raise ValueError("--average-embeddings pools every position; drop --token-position")
+    if cfg.batch_size % ddp.world():
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over "
+                         f"{ddp.world()} processes; --batch-size is the whole batch of a step, "
+                         f"shared among them: pass a multiple of {ddp.world()}")
 
 
 def shortcuts_on(cfg):
@@ -579,14 +621,18 @@ def run(cfg):
     data.DataError, gpt.WeightsError for bad input (checked before the run folder is touched),
     RunFailed or Interrupted for a run that failed or was stopped later."""
     check_config(cfg)
-    device = select_device(cfg.device)
+    device = ddp.device_for_rank(select_device(cfg.device))  # under torchrun: LOCAL_RANK's GPU
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
-    out, replace = plan_output_dir(cfg)
+    if ddp.is_main():
+        out, replace = plan_output_dir(cfg)
+        folder = RunFolder(out, replace)
+    else:  # under torchrun rank 0 alone prints and writes the run folder
+        out, folder = None, NoFolder()
     start = time.time()
-    with RunFolder(out, replace) as folder, \
-            contextlib.redirect_stdout(Tee(sys.stdout, folder.log)):
-        print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision})")
+    with folder, contextlib.redirect_stdout(Tee(sys.stdout, folder.log) if out else folder.log):
+        print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision}"
+              f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''})")
 
         # 1. Data: the balanced split, tokenized; max_length from the training set.
         rows, source = data.load(cfg.data)
@@ -642,7 +688,9 @@ def run(cfg):
         print(f"Trainable parameters: {n_train:,} of {n_all:,}")
 
         # The run folder's weights file must fit on its disk: known now, before any long work.
-        check_free_space(out, weights_to_save(model, base, merge=False)[1])
+        if out:
+            check_free_space(out, weights_to_save(model, base, merge=False)[1])
+        ddp.barrier()  # under torchrun: every process has passed its checks too
 
         # Every input has passed its checks: only now is the run folder made. From here on a
         # failure keeps the log, the error line in it (a finished run being replaced: as it was).
@@ -673,6 +721,7 @@ def run(cfg):
         print(describe_shortcuts(classifier, optimizer, cfg))
         if note:
             print(note)
+        classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         history = train(classifier, loaders, optimizer, cfg, device, scaler)
         if device.type == "cuda":
@@ -690,6 +739,8 @@ def run(cfg):
                      for s in data.SPLITS}
         for split_name, s in zip(("Training", "Validation", "Test"), data.SPLITS):
             print(f"{split_name} accuracy: {final[s]*100:.2f}%")
+        if not ddp.is_main():
+            return None  # rank 0 writes the run folder
 
         files = plot_history(history, work)
         weights_file, tensors = weights_to_save(model, base)
@@ -701,7 +752,8 @@ def run(cfg):
         data.write_json(work / "metrics.json", {
             "history": history, "final_accuracy": final, "train_minutes": train_minutes,
             "total_minutes": (time.time() - start) / 60, "device": str(device),
-            "device_name": device_name(device), "torch": torch.__version__})
+            "device_name": device_name(device), "processes": ddp.world(),
+            "torch": torch.__version__})
         # run.json last: its presence marks the run as finished.
         data.write_json(work / "run.json", {
             "model": asdict(model.cfg), "num_classes": len(data.CLASS_NAMES),
@@ -826,13 +878,22 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
+        ddp.init()  # a no-op unless torchrun started this process
         run(cfg)
     except ERRORS as e:
-        sys.exit(f"error: {data.describe_os_error(e) if isinstance(e, OSError) else e}")
+        # Under torchrun the first process to fail says why; torchrun then stops the others.
+        sys.exit(f"error: {data.describe_os_error(e) if isinstance(e, OSError) else e}"
+                 if ddp.first_to_fail() else 1)
     except Interrupted as e:
         sys.exit(str(e))
     except KeyboardInterrupt:
-        sys.exit("interrupted before training began; no run folder was made")
+        sys.exit("interrupted before training began; no run folder was made"
+                 if ddp.is_main() else 1)
+    except Exception:
+        if not ddp.first_to_fail():  # a collective cut off by the process that failed first
+            sys.exit(1)
+        raise
+    ddp.close()
 
 
 if __name__ == "__main__":

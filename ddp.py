@@ -1,0 +1,127 @@
+"""More than one process: torchrun and DistributedDataParallel, as a thin layer over PyTorch.
+
+    torchrun --nproc_per_node 4 finetune.py --device cuda ...
+
+Every process runs finetune.py whole, on the same data in the same seeded order. Each takes its
+share of every global batch (`share`), DistributedDataParallel averages the gradients, and the
+evaluations add up their sums and counts over the processes (`sum_over_ranks`), so the run takes
+the steps a single process takes. Rank 0 alone prints and writes the run folder.
+
+Without torchrun (no WORLD_SIZE above 1 in the environment) every function here is a no-op:
+world 1, rank 0, the whole batch.
+"""
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+# How long a process waits for the others in a collective before giving up. A process that
+# fails ends at once and torchrun stops the others; this bounds the wait where torchrun cannot
+# see the failure (another machine's process hung).
+TIMEOUT = timedelta(minutes=10)
+
+
+def world():
+    """Number of processes: 1 without torchrun."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    """This process's rank: 0 without torchrun."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    """True on the process that prints and writes (rank 0)."""
+    return rank() == 0
+
+
+def init():
+    """Join torchrun's process group, if torchrun started this process.
+
+    Gloo carries the CPU tensors and NCCL, where PyTorch has it and a GPU is present, the CUDA
+    ones (PyTorch's default pairing). Torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) says where the others are.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    dist.init_process_group(timeout=TIMEOUT)
+
+
+def close():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for_rank(device):
+    """Under torchrun, a CUDA device is the GPU of this process's LOCAL_RANK (one GPU each)."""
+    if not dist.is_initialized() or device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"torchrun runs on CUDA GPUs (NCCL) or on CPU processes (gloo), not "
+                         f"on {device.type}; pass --device cuda or --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise ValueError(f"this is process {local} on this machine, but it has "
+                         f"{torch.cuda.device_count()} GPU(s); give torchrun --nproc_per_node "
+                         "no more than the number of GPUs")
+    device = torch.device("cuda", local)
+    torch.cuda.set_device(device)
+    return device
+
+
+def share(batch):
+    """This process's share of a global batch (rows, consecutive): the whole batch alone.
+
+    The shares of a batch that does not divide evenly differ by one row; a process may get none
+    of a batch smaller than the world (the last one of an evaluation).
+    """
+    return batch.tensor_split(world())[rank()] if world() > 1 else batch
+
+
+def sum_over_ranks(*values):
+    """The values (numbers or one-element tensors) added up over all processes, as floats."""
+    if world() == 1:
+        return tuple(float(v) for v in values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)  # gloo carries it
+    dist.all_reduce(t)
+    return tuple(t.tolist())
+
+
+def barrier():
+    """Wait until every process gets here (a failure of another ends the wait with an error)."""
+    sum_over_ranks(0)
+
+
+def wrap(module, device):
+    """DistributedDataParallel over `module` (whose forward the training calls), after freezing.
+
+    Only the trainable parameters are synchronised: DDP is told to ignore the frozen ones and
+    every buffer, so nothing else is broadcast (every process built the same weights from the
+    same seed) and a frozen-trunk cache's weights stay untouched. Every trainable parameter
+    is used in each step, so no search for unused ones.
+    """
+    if world() == 1:
+        return module
+    ignored = [n for n, p in module.named_parameters() if not p.requires_grad]
+    ignored += [n for n, _ in module.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def first_to_fail():
+    """Called by a process that is ending on an error: True for the first one to do so.
+
+    That one says why; the others end quietly, since their errors (a collective cut off when
+    the first one left) only echo it. Counted in torchrun's key-value store.
+    """
+    if world() == 1:
+        return True
+    try:
+        return dist.distributed_c10d._get_default_store().add("failed processes", 1) == 1
+    except Exception:  # the store has gone: torchrun is already ending the run
+        return False
+

@@ -1,0 +1,143 @@
+"""finetune.py under torchrun: two CPU processes (gloo, loopback only) take the steps one takes.
+
+Each test starts `python -m torch.distributed.run --nproc_per_node 2` on the tiny checkpoint and
+the real data, bounded by a timeout, and compares its log with a one-process run of the same
+flags made here in-process.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import finetune
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+# Short runs that still cross an epoch boundary: 16 steps an epoch, losses every 5 steps.
+FLAGS = ["--epochs", "2", "--batch-size", "64", "--eval-freq", "5", "--eval-iter", "2",
+         "--lr", "1e-3", "--device", "cpu"]
+EP_LINE = re.compile(r"^Ep (\d+) \(Step (\d{6})\): Train loss (\d+\.\d{3}), Val loss (\d+\.\d{3})$")
+ACC_LINE = re.compile(r"^(Training|Validation|Test) accuracy: (\d+\.\d\d)%")
+
+
+def loopback_interface():
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), names[0])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, cwd, script=REPO / "finetune.py", timeout=120):
+    """Two processes of `script` on this machine, talking over the loopback interface only."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": loopback_interface(),
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+           *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def log_lines(text):
+    """The lines of a log that carry results: losses and accuracies."""
+    return [line for line in text.splitlines() if EP_LINE.match(line) or ACC_LINE.match(line)]
+
+
+def assert_same_log(two, one):
+    """Every loss within 0.01, every accuracy equal, line for line."""
+    assert len(two) == len(one) and len(one) > 8
+    for a, b in zip(two, one):
+        ma, mb = EP_LINE.match(a), EP_LINE.match(b)
+        if mb:
+            assert ma and ma.group(1, 2) == mb.group(1, 2), (a, b)
+            assert abs(float(ma[3]) - float(mb[3])) <= 0.01, (a, b)
+            assert abs(float(ma[4]) - float(mb[4])) <= 0.01, (a, b)
+        else:
+            assert a == b
+
+
+def one_error_line(text):
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, text
+    # No traceback from our own code on any process (torchrun adds its own failure summary).
+    assert 'finetune.py", line' not in text and "[rank" not in text, text
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-shortcuts", "--no-initial-eval"],
+                                   ["--trainable-layers", "all", "--no-initial-eval"]],
+                         ids=["shortcuts", "no-shortcuts", "all-layers"])
+def test_two_processes_print_the_one_process_log(tmp_path, tiny_weights, raw_path, capsys,
+                                                 extra):
+    args = ["--weights", tiny_weights, "--data", raw_path, *FLAGS, *extra]
+    finetune.main(list(map(str, args + ["--output-dir", tmp_path / "one"])))
+    one = log_lines(capsys.readouterr().out)
+
+    (tmp_path / "two").mkdir()
+    result = torchrun(args, cwd=tmp_path / "two")  # into runs/<timestamp>, as users get it
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "error" not in result.stderr, result.stderr
+    two = log_lines(result.stdout)
+    assert_same_log(two, one)
+
+    # Rank 0 alone wrote: one run folder, its log holding each line once, as printed.
+    folders = list((tmp_path / "two" / "runs").iterdir())
+    assert len(folders) == 1 and (folders[0] / "run.json").is_file()
+    assert log_lines((folders[0] / "log.txt").read_text()) == two
+    assert result.stdout.count("Saved the fine-tuned model") == 1
+    metrics = json.loads((folders[0] / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    final = {s: f"{v * 100:.2f}" for s, v in metrics["final_accuracy"].items()}
+    assert two[-3:] == [f"Training accuracy: {final['train']}%",
+                        f"Validation accuracy: {final['validation']}%",
+                        f"Test accuracy: {final['test']}%"]
+
+    # evaluate.py reproduces the run's final accuracies.
+    evaluate.main(["--run", str(folders[0]), "--data", str(raw_path), "--all-splits"])
+    assert log_lines(capsys.readouterr().out)[:3] == two[-3:]
+
+
+def test_a_failure_on_one_process_ends_both(tmp_path, tiny_weights, raw_path):
+    """Rank 1 alone cannot read its --data: both end, with one error line, and no run folder is
+    made."""
+    missing = tmp_path / "missing" / "SMSSpamCollection"
+    script = tmp_path / "rank1_bad_data.py"
+    script.write_text(textwrap.dedent(f"""\
+        import os
+        import sys
+
+        import finetune
+
+        if os.environ["RANK"] == "1":  # this process alone gets a --data it cannot read
+            sys.argv[sys.argv.index("--data") + 1] = {str(missing)!r}
+        finetune.main()
+        """))
+    out = tmp_path / "run"
+    result = torchrun(["--weights", tiny_weights, "--data", raw_path, *FLAGS,
+                       "--output-dir", out], cwd=tmp_path, script=script, timeout=60)
+    assert result.returncode != 0
+    assert str(missing) in one_error_line(result.stdout + result.stderr)
+    assert not out.exists()  # the processes wait for each other's checks before rank 0 makes it
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused_once(tmp_path, tiny_weights, raw_path):
+    result = torchrun(["--weights", tiny_weights, "--data", raw_path, *FLAGS,
+                       "--batch-size", "7", "--output-dir", tmp_path / "run"], cwd=tmp_path,
+                      timeout=60)
+    assert result.returncode != 0
+    line = one_error_line(result.stdout + result.stderr)
+    assert "--batch-size 7 does not split evenly over 2 processes" in line
+    assert not (tmp_path / "run").exists()
