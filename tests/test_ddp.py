@@ -8,6 +8,7 @@ flags made here in-process.
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
+import experiments
 import finetune
 
 pytestmark = pytest.mark.slow
@@ -108,6 +110,11 @@ def test_two_processes_print_the_one_process_log(tmp_path, tiny_weights, raw_pat
     # evaluate.py reproduces the run's final accuracies.
     evaluate.main(["--run", str(folders[0]), "--data", str(raw_path), "--all-splits"])
     assert log_lines(capsys.readouterr().out)[:3] == two[-3:]
+
+    # experiments.py's table reads it like any other run, as its row 1 (the same settings).
+    shutil.copytree(folders[0], tmp_path / "table" / "row-01")
+    table = experiments.table(tmp_path / "table", [1])
+    assert f"| {final['train']} | {final['validation']} | {final['test']} |" in table
 
 
 def test_a_failure_on_one_process_ends_both(tmp_path, tiny_weights, raw_path):
