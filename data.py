@@ -20,6 +20,7 @@ import http.client
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -27,12 +28,13 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import ddp
 
@@ -444,6 +446,299 @@ def read_csv(path):
             raise DataError(f"{path} has a row that is not 'label,text' ({e})") from e
 
 
+# ----------------------------------------------------------------------------- own files
+
+FORMATS = ("csv", "tsv", "jsonl")
+VAL_FRAC_OWN, TEST_FRAC_OWN = 0.1, 0.2  # the chapter's 70/10/20, for a lone --train-file
+
+
+@dataclass
+class Record:
+    """One row of a user's file: where it is (`row`: 1-based, as a spreadsheet or editor shows
+    it; `where`: "row" or "line"), its text, and its label (None where the file has none)."""
+    row: int
+    text: str
+    label: str = None
+    where: str = "row"
+
+
+def file_format(path, fmt=None):
+    """csv, tsv or jsonl: `fmt` where given, else from the file name's extension."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise DataError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+        return fmt
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext in FORMATS:
+        return ext
+    raise DataError(f"{path}: cannot tell its format from the extension {Path(path).suffix!r}; "
+                    "name it .csv, .tsv or .jsonl, or pass --format csv|tsv|jsonl")
+
+
+def read_file_text(path):
+    """A user's file as text (UTF-8; a leading byte-order mark is dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; check the path")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path} is empty; it needs a header and at least one row")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8: byte offset {e.start} (line {line}) is "
+                        f"{raw[e.start:e.start + 1]!r}; save the file as UTF-8") from None
+
+
+def _find_column(path, columns, name, flag, what):
+    """Index (or key) of column `name` among `columns`, matched case-insensitively."""
+    hits = [c for c in columns if str(c).strip().lower() == name.strip().lower()]
+    if len(hits) > 1:
+        raise DataError(f"{path} has {len(hits)} columns named {name!r} (case ignored): "
+                        f"{', '.join(map(repr, hits))}; rename one")
+    if not hits:
+        shown = ", ".join(repr(c) for c in columns) or "none"
+        raise DataError(f"{path} has no {what} column {name!r} (its columns: {shown}); pass "
+                        f"{flag} NAME")
+    return hits[0]
+
+
+def _label_text(path, value, where, row):
+    """A label as text: strings and integers are labels; anything else is refused."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{path} {where} {row}: the label {value!r} is not a string or an "
+                        "integer; write it as one")
+    return str(value).strip()
+
+
+def read_records(path, fmt=None, text_column="text", label_column="label", labelled=True):
+    """The rows of a .csv, .tsv or .jsonl file as Records, every one checked: a missing column,
+    an empty text or label, a short or long row, a JSON line that is not an object each raise
+    DataError naming the file and the row. Blank lines are skipped; nothing else is dropped."""
+    fmt = file_format(path, fmt)
+    text = read_file_text(path)
+    records = []
+    if fmt == "jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n} is not valid JSON ({e.msg} at column "
+                                f"{e.colno}); write one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path} line {n} is not a JSON object but "
+                                f"{type(obj).__name__} {line.strip()[:40]!r}; write one "
+                                '{"text": ..., "label": ...} object per line')
+            t = obj[_find_column(f"{path} line {n}", list(obj), text_column, "--text-column",
+                                 "text")]
+            if not isinstance(t, str):
+                raise DataError(f"{path} line {n}: the text is {t!r}, not a string")
+            label = None
+            if labelled:
+                key = _find_column(f"{path} line {n}", list(obj), label_column,
+                                   "--label-column", "label")
+                label = _label_text(path, obj[key], "line", n)
+            records.append(Record(n, t, label, "line"))
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""),
+                            delimiter="," if fmt == "csv" else "\t")
+        header = next(reader)
+        ti = _find_column(path, header, text_column, "--text-column", "text")
+        ti = header.index(ti)
+        li = None
+        if labelled:
+            li = header.index(_find_column(path, header, label_column, "--label-column",
+                                           "label"))
+        for n, fields in enumerate(reader, 2):
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise DataError(f"{path} row {n} has {len(fields)} fields but the header has "
+                                f"{len(header)}; put quotes around a text that holds "
+                                f"{'a comma' if fmt == 'csv' else 'a tab'} or a line break")
+            records.append(Record(n, fields[ti], None if li is None else fields[li].strip()))
+    if not records:
+        raise DataError(f"{path} has a header but no rows; add labelled rows")
+    for r in records:
+        if not r.text.strip():
+            raise DataError(f"{path} {r.where} {r.row}: the text is empty; fill it in or "
+                            "delete the row")
+        if labelled and not r.label:
+            raise DataError(f"{path} {r.where} {r.row}: the label is empty; fill it in or "
+                            "delete the row")
+    return records
+
+
+def _is_int(label):
+    return bool(re.fullmatch(r"[+-]?\d+", label))
+
+
+def class_order(labels, fixed=None):
+    """Class names in id order: `fixed` (from --labels) where given; else numeric where every
+    label is an integer, else by name."""
+    if fixed is not None:
+        if len(set(fixed)) != len(fixed) or not all(fixed):
+            raise DataError(f"--labels {','.join(fixed)} names a class twice or has an empty "
+                            "name; list each class once")
+        return list(fixed)
+    distinct = set(labels)
+    if distinct and all(_is_int(x) for x in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
+def _canonical(records):
+    """Integer labels written alike ("01" and "1" are one class) where every label is one."""
+    if all(_is_int(r.label) for r in records):
+        for r in records:
+            r.label = str(int(r.label))
+    return records
+
+
+def stratified_split(rows, fracs, class_names, seed=SEED, source="the training file"):
+    """Split (label id, text) rows into train and the splits of `fracs` ({name: fraction}),
+    class by class, so that each class keeps its share in every split; each split gets at least
+    one row of every class. Seeded: the same rows give the same split."""
+    rng = np.random.RandomState(seed)
+    by_class = {}
+    for row in rows:
+        by_class.setdefault(row[0], []).append(row)
+    out = {"train": [], **{name: [] for name in fracs}}
+    for label in sorted(by_class):
+        members = by_class[label]
+        n = len(members)
+        counts = {name: max(1, int(n * f + 0.5)) for name, f in fracs.items()}
+        if n - sum(counts.values()) < 1:
+            names = " and ".join(["train", *fracs])
+            raise DataError(
+                f"class {class_names[label]!r} has {n} row{'s' * (n != 1)} in {source}: too "
+                f"few to put one in each of {names}; add rows of it, or give the other splits "
+                "as files (--val-file, --test-file), or ask for fewer splits (--test-frac 0)")
+        order = [members[j] for j in rng.permutation(n)]
+        for name, k in counts.items():
+            out[name] += order[:k]
+            order = order[k:]
+        out["train"] += order
+    return {name: [part[j] for j in rng.permutation(len(part))] for name, part in out.items()}
+
+
+@dataclass
+class LabelledData:
+    """A source's labelled rows, split: {split name: [(label id, text)]}, the class names in
+    id order, and what to tell the user about how they were made."""
+    splits: dict
+    class_names: list
+    notes: list = field(default_factory=list)
+    source: dict = None  # where the rows came from: {"path", "sha256"} (and "files": own files)
+
+
+def sms_data(data=None, cache=None):
+    """The chapter's data as labelled rows: its balanced 70/10/20 split of the SMS messages
+    (with a warning where the raw file is not the published one)."""
+    rows, source = load(data, cache)
+    warning = unpublished_warning(rows, source)
+    return LabelledData(make_splits(rows), list(CLASS_NAMES), [warning] if warning else [],
+                        source)
+
+
+def file_source(path):
+    """{"path": absolute path, "sha256": of its bytes}: which file a run read."""
+    path = Path(path)
+    return {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="text",
+              label_column="label", labels=None, val_frac=None, test_frac=None, seed=SEED):
+    """A user's labelled files as labelled rows: every row checked, the class names ordered, and
+    the splits the files do not give cut from the training file (stratified, seeded)."""
+    if val_file is not None and val_frac is not None:
+        raise DataError("--val-frac cuts validation from --train-file, but --val-file gives it; "
+                        "drop one of the two")
+    if test_file is not None and test_frac is not None:
+        raise DataError("--test-frac cuts a test split from --train-file, but --test-file "
+                        "gives it; drop one of the two")
+    if val_frac is None:
+        val_frac = 0.0 if val_file else VAL_FRAC_OWN
+    if test_frac is None:
+        test_frac = 0.0 if (test_file or val_file) else TEST_FRAC_OWN
+    for flag, f in (("--val-frac", val_frac), ("--test-frac", test_frac)):
+        if not 0 <= f < 1:
+            raise DataError(f"{flag} must be at least 0 and below 1, not {f}")
+    if val_file is None and val_frac == 0:
+        raise DataError("training needs a validation split: give --val-file, or a --val-frac "
+                        "above 0")
+    if val_frac + test_frac >= 1:
+        raise DataError(f"--val-frac {val_frac} and --test-frac {test_frac} leave no rows to "
+                        "train on; make their sum less than 1")
+    kw = dict(fmt=fmt, text_column=text_column, label_column=label_column)
+    train = _canonical(read_records(train_file, **kw))
+    fixed = None if labels is None else [x.strip() for x in labels.split(",")]
+    if fixed is not None and all(_is_int(r.label) for r in train):
+        fixed = [str(int(x)) if _is_int(x) else x for x in fixed]
+    class_names = class_order([r.label for r in train], fixed)
+    ids = {name: i for i, name in enumerate(class_names)}
+    given = {"train": (train_file, train)}
+    for name, path in (("validation", val_file), ("test", test_file)):
+        if path is not None:
+            given[name] = (path, read_records(path, **kw))
+    splits = {}
+    for name, (path, records) in given.items():
+        for r in records:
+            if r.label not in ids and _is_int(r.label) and str(int(r.label)) in ids:
+                r.label = str(int(r.label))
+            if r.label not in ids:
+                known = ", ".join(map(repr, class_names))
+                where = ("is not in --labels" if fixed is not None and name == "train"
+                         else "is not a class of the training data")
+                raise DataError(f"{path} {r.where} {r.row}: the label {r.label!r} {where} "
+                                f"({known}); fix the label, or add training rows of it")
+        splits[name] = [(ids[r.label], r.text) for r in records]
+    counts = [sum(label == i for label, _ in splits["train"]) for i in range(len(class_names))]
+    empty = [c for c, n in zip(class_names, counts) if n == 0]
+    if empty:
+        raise DataError(f"--labels names {', '.join(map(repr, empty))} but {train_file} has no "
+                        "row of it; drop it from --labels or add rows")
+    if len(class_names) < 2:
+        raise DataError(f"{train_file} has only one class ({class_names[0]!r}); a classifier "
+                        "needs at least two: add rows of another class")
+    notes = []
+    fracs = {name: f for name, f in (("validation", val_frac), ("test", test_frac))
+             if f > 0 and name not in splits}
+    if fracs:
+        cut = stratified_split(splits.pop("train"), fracs, class_names, seed, str(train_file))
+        splits = {"train": cut["train"], **{k: v for k, v in {**splits, **cut}.items()
+                                            if k != "train"}}
+        notes.append(f"Split {train_file} by class (seed {seed}): "
+                     + ", ".join(f"{name} {f:g}" for name, f in fracs.items())
+                     + ", train the rest")
+    splits = {name: splits[name] for name in SPLITS if name in splits}
+    files = {flag: file_source(path) for flag, path in (
+        ("train_file", train_file), ("val_file", val_file), ("test_file", test_file)) if path}
+    return LabelledData(splits, class_names, notes, {**files["train_file"], "files": files})
+
+
+def load_labelled(cfg):
+    """The run's labelled data: a user's files where `cfg.train_file` is set, else the chapter's
+    SMS data. `cfg` is a finetune.TrainConfig, or anything with its fields (run.json's flags)."""
+    get = (lambda name: cfg.get(name)) if isinstance(cfg, dict) else \
+        (lambda name: getattr(cfg, name, None))
+    if get("train_file") is None:
+        for flag in ("val_file", "test_file", "labels", "val_frac", "test_frac", "format"):
+            if get(flag) is not None:
+                raise DataError(f"--{flag.replace('_', '-')} goes with --train-file; give your "
+                                "training file too")
+        return sms_data(get("data"))
+    if get("data") is not None:
+        raise DataError("--data is the SMS Spam Collection and --train-file your own data; "
+                        "give one of the two")
+    return file_data(get("train_file"), get("val_file"), get("test_file"), get("format"),
+                     get("text_column") or "text", get("label_column") or "label",
+                     get("labels"), get("val_frac"), get("test_frac"))
+
+
 # ----------------------------------------------------------------------------- tokens
 
 @functools.lru_cache(maxsize=None)
@@ -477,25 +772,35 @@ def truncate_and_pad(ids, max_length=None, pad=True):
 
 
 def encode(text, tokenizer, max_length=None, pad=True):
-    """Token ids of `text`, truncated to `max_length`, right-padded with PAD_ID to it if `pad`."""
-    return truncate_and_pad(tokenizer.encode(text), max_length, pad)
+    """Token ids of `text`, truncated to `max_length`, right-padded with PAD_ID to it if `pad`.
+
+    A text is encoded as ordinary text: `<|endoftext|>` written in it is not the padding token,
+    so PAD_ID never appears inside a text (the flexible position counts on that)."""
+    return truncate_and_pad(tokenizer.encode_ordinary(text), max_length, pad)
 
 
-class SpamDataset(Dataset):
+class TextDataset(Dataset):
     """Encoded texts and labels; items are (token ids int64[max_length], label int64).
 
+    `rows` are (label id, text) pairs, from the chapter's SMS data or from a user's files.
     `max_length=None` takes the longest encoded text (the chapter does this for train, then
-    passes train's value to validation and test). `pad=False` keeps each text its own length
-    (for batch size 1), still truncated to `max_length` when one is given.
+    passes train's value to validation and test); `limit` caps that (the model's context).
+    `pad=True` pads every text to `max_length` (the chapter's way); `pad="batch"` leaves the texts
+    unpadded for `pad_batch`, which pads each batch to its own longest text; `pad=False` keeps
+    each text its own length (for batch size 1). Texts are cut to `max_length` in every case;
+    `cut` lists how many tokens each cut text lost.
     """
 
-    def __init__(self, rows, tokenizer, max_length=None, pad=True):
-        encoded = [tokenizer.encode(text) for _, text in rows]
-        self.max_length = max_length or max(len(ids) for ids in encoded)
-        # tokens cut from each text longer than max_length (none with the default)
+    def __init__(self, rows, tokenizer, max_length=None, pad=True, limit=None):
+        encoded = [tokenizer.encode_ordinary(text) for _, text in rows]
+        self.max_length = max_length or max((len(ids) for ids in encoded), default=1)
+        if limit is not None:
+            self.max_length = min(self.max_length, limit)
+        self.pad = pad
+        # tokens cut from each text longer than max_length
         self.cut = [len(ids) - self.max_length for ids in encoded if len(ids) > self.max_length]
         self.labels = [label for label, _ in rows]
-        self.encoded = [truncate_and_pad(ids, self.max_length, pad) for ids in encoded]
+        self.encoded = [truncate_and_pad(ids, self.max_length, pad is True) for ids in encoded]
 
     def __len__(self):
         return len(self.labels)
@@ -503,18 +808,76 @@ class SpamDataset(Dataset):
     def __getitem__(self, i):
         return torch.tensor(self.encoded[i]), torch.tensor(self.labels[i])
 
+    def lengths(self):
+        """Each example's length in tokens, padding left out."""
+        return [len(ids) - (ids.count(PAD_ID) if self.pad is True else 0) for ids in self.encoded]
 
-def create_loaders(datasets, batch_size=8, num_workers=0, pin_memory=False):
+
+SpamDataset = TextDataset  # the chapter's name for it
+
+
+def pad_batch(batch):
+    """Collate (ids, label) items of different lengths: right-pad each batch with PAD_ID to its
+    own longest text. With the causal mask, the last real token's output does not depend on
+    the padding after it, so classifying it (`--token-position flexible`) is exact."""
+    ids, labels = zip(*batch)
+    out = torch.full((len(ids), max(len(x) for x in ids)), PAD_ID, dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, :len(x)] = x
+    return out, torch.stack(labels)
+
+
+class LengthGroupedBatches(Sampler):
+    """Training batches of texts of similar length, in random order: shuffle, cut into groups of
+    `group` batches, sort each group by length, cut it into batches, shuffle the batches. Less
+    padding per batch, the same examples per epoch. Draws its seed from torch's global RNG each
+    time an iteration starts (as a shuffling DataLoader does); `drop_last` leaves out the same
+    number of examples as the chapter's loader (chosen at random)."""
+
+    def __init__(self, lengths, batch_size, drop_last=True, group=50):
+        self.lengths, self.batch_size = list(lengths), batch_size
+        self.drop_last, self.group = drop_last, group
+
+    def __len__(self):
+        n, b = len(self.lengths), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        if self.drop_last:
+            order = order[:len(self) * self.batch_size]
+        batches, span = [], self.batch_size * self.group
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=self.lengths.__getitem__)
+            batches += [chunk[j:j + self.batch_size]
+                        for j in range(0, len(chunk), self.batch_size)]
+        for i in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[i]
+
+
+def create_loaders(datasets, batch_size=8, num_workers=0, pin_memory=False,
+                   group_by_length=False):
     """The chapter's loaders: train shuffles and drops its last partial batch; the others don't.
 
     The caller seeds torch first. A shuffling loader draws its order from torch's global RNG
     every time an iteration over it starts, evaluation passes included. `pin_memory` (for CUDA)
-    lets batches be copied to the GPU while it computes.
+    lets batches be copied to the GPU while it computes. Datasets with `pad="batch"` are padded
+    per batch; `group_by_length` draws the training batches from `LengthGroupedBatches`.
     """
-    return {name: DataLoader(ds, batch_size=batch_size, shuffle=(name == "train"),
-                             drop_last=(name == "train"), num_workers=num_workers,
-                             pin_memory=pin_memory)
-            for name, ds in datasets.items()}
+    loaders = {}
+    for name, ds in datasets.items():
+        collate = pad_batch if getattr(ds, "pad", True) == "batch" else None
+        if name == "train" and group_by_length:
+            loaders[name] = DataLoader(ds, batch_sampler=LengthGroupedBatches(
+                ds.lengths(), batch_size), num_workers=num_workers, pin_memory=pin_memory,
+                collate_fn=collate)
+        else:
+            loaders[name] = DataLoader(ds, batch_size=batch_size, shuffle=(name == "train"),
+                                       drop_last=(name == "train"), num_workers=num_workers,
+                                       pin_memory=pin_memory, collate_fn=collate)
+    return loaders
 
 
 # ----------------------------------------------------------------------------- CLI

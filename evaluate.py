@@ -8,6 +8,7 @@ A run trained on a GPU evaluates on a CPU (or anywhere else) with the same numbe
 """
 
 import argparse
+import csv
 import dataclasses
 import html
 import http.server
@@ -72,18 +73,32 @@ def predictions(data_loader, model, device):
     return labels, predicted
 
 
-def spam_scores(labels, predicted, positive=1):
-    """Precision, recall and F1 of the positive class, and the 2x2 confusion matrix."""
-    confusion = [[0, 0], [0, 0]]  # rows: true label, columns: predicted label
+def class_scores(labels, predicted, class_names):
+    """Accuracy, macro- and weighted-F1, per-class precision / recall / F1 / support, and the
+    N x N confusion matrix (rows: true class, columns: predicted class), as a dict."""
+    n_classes = len(class_names)
+    confusion = [[0] * n_classes for _ in range(n_classes)]
     for t, p in zip(labels, predicted):
         confusion[t][p] += 1
-    tp = confusion[positive][positive]
-    fp = confusion[1 - positive][positive]
-    fn = confusion[positive][1 - positive]
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1, confusion
+    per_class = {}
+    for c, name in enumerate(class_names):
+        tp = confusion[c][c]
+        predicted_c = sum(row[c] for row in confusion)
+        support = sum(confusion[c])
+        precision = tp / predicted_c if predicted_c else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1,
+                           "support": support}
+    total = len(labels)
+    seen = set(labels) | set(predicted)  # as scikit-learn: classes in truth or predictions
+    present = [per_class[name] for c, name in enumerate(class_names) if c in seen]
+    return {
+        "examples": total,
+        "accuracy": sum(confusion[c][c] for c in range(n_classes)) / total if total else 0.0,
+        "macro_f1": sum(v["f1"] for v in present) / len(present) if present else 0.0,
+        "weighted_f1": sum(v["f1"] * v["support"] for v in present) / total if total else 0.0,
+        "per_class": per_class, "confusion": confusion}
 
 
 class RunError(Exception):
@@ -172,16 +187,80 @@ def load_run(run_dir, device):
     return classifier, info
 
 
+def text_loader(rows, info, tokenizer, batch_size=None):
+    """A DataLoader over (label id, text) rows, encoded and padded as the run was trained."""
+    ds = data.TextDataset(rows, tokenizer, info["max_length"], pad=info["padding"])
+    batch_size = 1 if info["padding"] is False else batch_size or info["batch_size"]
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size,
+        collate_fn=data.pad_batch if info["padding"] == "batch" else None)
+
+
+def predict_proba(texts, classifier, info, device, tokenizer=None, batch_size=None):
+    """Class probabilities of each text: a list of {class name: probability}, in class order.
+
+    Texts are encoded, cut and padded as in training (the run's max_length and padding). This is
+    the one classifying function: --text, --stdin, --predict and serving all call it."""
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"text {i + 1} is empty; give a text to classify")
+    tokenizer = tokenizer or data.get_tokenizer()
+    names, out = info["class_names"], []
+    classifier.eval()
+    with torch.no_grad():
+        for ids, _ in text_loader([(0, t) for t in texts], info, tokenizer, batch_size):
+            probs = torch.softmax(classifier(ids.to(device)), dim=-1).cpu().tolist()
+            out += [dict(zip(names, row)) for row in probs]
+    return out
+
+
+def top_k(probs, k=1):
+    """The `k` most probable (class name, probability) pairs of one text, most probable first."""
+    return sorted(probs.items(), key=lambda kv: -kv[1])[:k]
+
+
 def classify(text, classifier, tokenizer, info, device):
-    """(label name, its probability) for one text, encoded and padded as in training."""
+    """(class name, its probability) for one text, encoded and padded as in training."""
     if not text.strip():
         raise ValueError("the text is empty; give a message to classify")
-    max_length = min(info["max_length"], classifier.gpt.cfg.context_length)
-    ids = data.encode(text, tokenizer, max_length, pad=info["padding"])
-    with torch.no_grad():
-        probs = torch.softmax(classifier(torch.tensor([ids], device=device)), dim=-1)[0]
-    label = int(probs.argmax())
-    return info["class_names"][label], float(probs[label])
+    [probs] = predict_proba([text], classifier, info, device, tokenizer)
+    return top_k(probs)[0]
+
+
+def scores_of(rows, classifier, info, device, tokenizer):
+    """class_scores of the classifier over (label id, text) rows."""
+    labels, predicted = predictions(text_loader(rows, info, tokenizer), classifier, device)
+    return class_scores(labels, predicted, info["class_names"])
+
+
+def run_data(info, data_path=None):
+    """The run's own labelled data, split as finetune.py split it: the SMS data (see
+    load_run_data), or the run's own files, read again from where run.json records them (with
+    a warning on stderr where a file changed since)."""
+    flags = info.get("flags", {})
+    if not flags.get("train_file"):
+        rows = load_run_data(info, data_path)
+        return data.LabelledData(data.make_splits(rows), list(data.CLASS_NAMES))
+    if data_path is not None:
+        raise ValueError("--data is the SMS data; this run was trained on its own files "
+                         f"({flags['train_file']}), which evaluate.py reads again")
+    files = (info.get("data") or {}).get("files", {})
+    flags = {**flags, **{flag: f["path"] for flag, f in files.items()}}
+    for flag, f in files.items():
+        if not Path(f["path"]).is_file():
+            raise data.DataError(f"this run was trained on {f['path']}, which is no longer "
+                                 "there; put it back to evaluate the run's splits, or score a "
+                                 "file with --file")
+        if data.file_source(f["path"])["sha256"] != f["sha256"]:
+            print(f"warning: {f['path']} changed since this run was trained on it (its sha256 "
+                  "differs), so the splits differ and these are not the run's scores",
+                  file=sys.stderr)
+    labelled = data.load_labelled(flags)
+    if labelled.class_names != info["class_names"]:
+        raise RunError(f"the run's data now has the classes {labelled.class_names}, the run "
+                       f"was trained on {info['class_names']}; the files changed since")
+    return labelled
 
 
 def load_run_data(info, data_path=None):
@@ -207,24 +286,21 @@ def load_run_data(info, data_path=None):
 
 
 def evaluate_splits(classifier, info, device, data_path=None):
-    """Accuracy, spam precision/recall/F1 and confusion matrix over the whole of each split."""
-    splits = data.make_splits(load_run_data(info, data_path))
+    """class_scores over the whole of each of the run's splits ({split name: scores})."""
+    splits = run_data(info, data_path).splits
     tokenizer = data.get_tokenizer()
     loaders = {}
-    for name in data.SPLITS:
-        rows = splits[name]
+    for name, rows in splits.items():
         if name == "train":  # the examples finetune.py's final pass covered
             dropped = set(info["final_train_dropped"])
             rows = [row for i, row in enumerate(rows) if i not in dropped]
-        ds = data.SpamDataset(rows, tokenizer, info["max_length"], pad=info["padding"])
-        loaders[name] = torch.utils.data.DataLoader(ds, batch_size=info["batch_size"])
+        loaders[name] = text_loader(rows, info, tokenizer)
     results = {}
     total = sum(len(loader) for loader in loaders.values())
     with data.progress(total=total, desc="Evaluating every split", unit="batch") as bar:
         for name, loader in loaders.items():
             labels, predicted = predictions(data.Ticking(loader, bar), classifier, device)
-            accuracy = sum(t == p for t, p in zip(labels, predicted)) / len(labels)
-            results[name] = (accuracy, *spam_scores(labels, predicted))
+            results[name] = class_scores(labels, predicted, info["class_names"])
     return results
 
 
@@ -247,23 +323,109 @@ def echo(text, tokenizer, info, context_length):
     """The text as echoed after its label: whole, or, where it was cut to the run's length, a
     short prefix and how much of it was classified."""
     max_length = min(info["max_length"], context_length)
-    n = len(tokenizer.encode(text))
+    n = len(tokenizer.encode_ordinary(text))
     if n <= max_length:
         return text
     prefix = text[:ECHO_CHARS].rstrip() + "..." if len(text) > ECHO_CHARS else text
     return f"{prefix}  [cut: only its first {max_length} of {n:,} tokens were classified]"
 
 
-def print_splits(results):
-    for title, name in zip(("Training", "Validation", "Test"), data.SPLITS):
-        print(f"{title} accuracy: {results[name][0]*100:.2f}%")
+def run_columns(info, args):
+    """(format, text column, label column) for a file given to this run: the flags given here,
+    else the run's own."""
+    flags = info.get("flags", {})
+    return (args.format, args.text_column or flags.get("text_column") or "text",
+            args.label_column or flags.get("label_column") or "label")
+
+
+def evaluate_file(path, classifier, info, device, args):
+    """class_scores over a labelled file, read with the run's columns and format rules."""
+    fmt, text_column, label_column = run_columns(info, args)
+    records = data.read_records(path, fmt, text_column, label_column)
+    ids = {name: i for i, name in enumerate(info["class_names"])}
+    rows = []
+    for r in records:
+        label = r.label
+        if label not in ids and data._is_int(label) and str(int(label)) in ids:
+            label = str(int(label))
+        if label not in ids:
+            raise data.DataError(
+                f"{path} {r.where} {r.row}: the label {r.label!r} is not a class of the run "
+                f"({', '.join(map(repr, info['class_names']))}); fix the label")
+        rows.append((ids[label], r.text))
+    return scores_of(rows, classifier, info, device, data.get_tokenizer())
+
+
+SPLIT_TITLES = {"train": "Training", "validation": "Validation", "test": "Test"}
+
+
+def print_scores(results, class_names):
+    """Accuracy lines (finetune.py's, for the run's splits), then per split: macro- and
+    weighted-F1, per-class precision / recall / F1 / support and the confusion matrix."""
+    for name, r in results.items():
+        print(f"{SPLIT_TITLES.get(name, name)} accuracy: {r['accuracy']*100:.2f}%")
     print()
-    print("Spam as the positive class:")
-    print(f"{'split':<16} {'precision':>9} {'recall':>7} {'F1':>7}   confusion "
-          "[[TN, FP], [FN, TP]]")
-    for name in data.SPLITS:
-        _, precision, recall, f1, m = results[name]
-        print(f"{name:<16} {precision:>9.4f} {recall:>7.4f} {f1:>7.4f}   {m}")
+    width = max(16, *(len(n) + 2 for n in results))
+    print(f"{'split':<{width}} {'accuracy':>9} {'macro-F1':>9} {'weighted-F1':>12} "
+          f"{'examples':>9}")
+    for name, r in results.items():
+        print(f"{name:<{width}} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} "
+              f"{r['weighted_f1']:>12.4f} {r['examples']:>9}")
+    cw = max(10, *(len(c) + 2 for c in class_names))
+    for name, r in results.items():
+        print()
+        print(f"{name}: per class")
+        print(f"{'class':<{cw}} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}")
+        for c in class_names:
+            v = r["per_class"][c]
+            print(f"{c:<{cw}} {v['precision']:>9.4f} {v['recall']:>7.4f} {v['f1']:>7.4f} "
+                  f"{v['support']:>8}")
+        print(f"{name}: confusion (rows: true class, columns: predicted class)")
+        print(f"{'':<{cw}}" + "".join(f" {c:>{cw}}" for c in class_names))
+        for c, row in zip(class_names, r["confusion"]):
+            print(f"{c:<{cw}}" + "".join(f" {v:>{cw}}" for v in row))
+
+
+def write_predictions(path, out_path, classifier, info, device, args):
+    """For each row of `path`: its row id, the predicted class name and one probability column
+    per class name, written to `out_path` (.csv or .jsonl by its extension), atomically."""
+    fmt, text_column, _ = run_columns(info, args)
+    out_fmt = data.file_format(out_path)
+    if out_fmt == "tsv":
+        raise ValueError(f"--output {out_path}: write predictions to a .csv or .jsonl file")
+    if Path(out_path).resolve() == Path(path).resolve():
+        raise ValueError("--output is the --predict file itself; name another file")
+    if Path(out_path).exists() and not args.overwrite:
+        raise ValueError(f"--output {out_path} exists; pass --overwrite to replace it, or name "
+                         "another file")
+    records = data.read_records(path, fmt, text_column, labelled=False)
+    probs = []
+    texts = [r.text for r in records]
+    step = 256
+    for i in range(0, len(texts), step):  # a bounded batch of texts at a time
+        probs += predict_proba(texts[i:i + step], classifier, info, device)
+    names = info["class_names"]
+    buf = io.StringIO(newline="")
+    if out_fmt == "jsonl":
+        for r, p in zip(records, probs):
+            buf.write(json.dumps({r.where: r.row, "predicted": top_k(p)[0][0],
+                                  "probabilities": p}, ensure_ascii=False) + "\n")
+    else:
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow([records[0].where, "predicted", *names])
+        for r, p in zip(records, probs):
+            writer.writerow([r.row, top_k(p)[0][0], *(f"{p[n]:.6f}" for n in names)])
+    data.write_atomic(out_path, buf.getvalue().encode("utf-8"))
+    return len(records)
+
+
+def latest_run(root="runs"):
+    """The most recently finished run folder under `root` (by its run.json's time)."""
+    finished = sorted(Path(root).glob("*/run.json"), key=lambda p: (p.stat().st_mtime, str(p)))
+    if not finished:
+        raise RunError(f"no finished run under {root}/; train one with python finetune.py, or "
+                       "pass --run DIR")
+    return finished[-1].parent
 
 
 # ----------------------------------------------------------------------------- serving a run
@@ -493,19 +655,38 @@ def serve(run_dir, classifier, info, device, host="127.0.0.1", port=8000):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Accuracy of a fine-tuned run on every split, or "
-                                "its label for new texts.")
-    p.add_argument("--run", required=True, metavar="DIR", help="a run folder of finetune.py")
+    p = argparse.ArgumentParser(description="Scores of a fine-tuned run on its splits or on a "
+                                "labelled file, or its classes for new texts.")
+    p.add_argument("--run", metavar="DIR", help="a run folder of finetune.py (default: the most "
+                   "recent finished run under runs/)")
     p.add_argument("--data", metavar="PATH", help="the raw SMSSpamCollection file or its zip "
-                   "for --all-splits (default: the data the run was trained on, as run.json "
-                   "records it)")
+                   "for --all-splits of a run on the SMS data (default: the data the run was "
+                   "trained on, as run.json records it)")
     p.add_argument("--all-splits", action="store_true",
-                   help="print accuracy, spam precision/recall/F1 and the confusion matrix on "
-                   "train, validation and test")
+                   help="print accuracy, macro- and weighted-F1, per-class precision / recall / "
+                   "F1 and the confusion matrix on the run's own train, validation and test")
+    p.add_argument("--file", metavar="FILE", action="append", default=[],
+                   help="the same scores on a labelled .csv/.tsv/.jsonl file (the run's "
+                   "columns; repeatable)")
+    p.add_argument("--json", metavar="PATH", help="also write those scores to PATH as JSON")
+    p.add_argument("--predict", metavar="FILE", help="classify every row of FILE (its text "
+                   "column; labels not needed) and write the results to --output")
+    p.add_argument("--output", metavar="PATH", help="where --predict writes: .csv or .jsonl, "
+                   "one row per input row: its row id, the predicted class, one probability "
+                   "per class")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--text", action="append", default=[], metavar="TEXT",
-                   help="a message to classify (repeat for more)")
+                   help="a text to classify (repeat for more)")
     p.add_argument("--stdin", action="store_true",
                    help="classify each line of standard input (blank lines are skipped)")
+    p.add_argument("--top-k", type=int, default=1, metavar="N",
+                   help="for --text and --stdin, print the N most probable classes (default: 1)")
+    p.add_argument("--format", choices=data.FORMATS,
+                   help="the format of --file and --predict (default: from the extension)")
+    p.add_argument("--text-column", metavar="NAME", help="the text column of --file and "
+                   "--predict (default: the run's)")
+    p.add_argument("--label-column", metavar="NAME", help="the label column of --file "
+                   "(default: the run's)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
                    help="where to run (default: cpu)")
     p.add_argument("--serve", action="store_true",
@@ -516,27 +697,58 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8000,
                    help="the port --serve listens on (default: 8000; 0 picks a free one)")
     args = p.parse_args(argv)
-    if not (args.all_splits or args.text or args.stdin or args.serve):
-        p.error("say what to do: --all-splits, --text TEXT, --stdin or --serve")
-    if args.serve and (args.all_splits or args.text or args.stdin):
-        p.error("--serve runs alone: leave out --all-splits, --text and --stdin")
+    if not (args.all_splits or args.file or args.predict or args.text or args.stdin
+            or args.serve):
+        p.error("say what to do: --all-splits, --file FILE, --predict FILE, --text TEXT, --stdin "
+                "or --serve")
+    if args.serve and (args.all_splits or args.file or args.predict or args.text or args.stdin):
+        p.error("--serve runs alone: leave out --all-splits, --file, --predict, --text and "
+                "--stdin")
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port} is not a port; give 0 to 65535 (0 picks a free one)")
     try:
         if any(not t.strip() for t in args.text):
             raise ValueError("a --text is empty; give a message to classify")
+        if args.top_k < 1:
+            raise ValueError("--top-k must be 1 or more")
+        if args.predict and not args.output:
+            raise ValueError("--predict needs --output PATH (.csv or .jsonl) to write to")
+        if args.output and not args.predict:
+            raise ValueError("--output is where --predict writes; give --predict FILE too")
+        if args.json and not (args.all_splits or args.file):
+            raise ValueError("--json writes the scores of --all-splits or --file; ask for one")
         texts = list(args.text) + (read_stdin() if args.stdin else [])
+        if args.run is None:
+            args.run = latest_run()
+            print(f"Using the most recent finished run: {args.run}", file=sys.stderr)
         device = select_device(args.device)
         classifier, info = load_run(args.run, device)
         if args.serve:
             return serve(args.run, classifier, info, device, args.host, args.port)
+        names = info["class_names"]
+        report = {}
         if args.all_splits:
-            print_splits(evaluate_splits(classifier, info, device, args.data))
+            report["splits"] = evaluate_splits(classifier, info, device, args.data)
+            print_scores(report["splits"], names)
+        for path in args.file:
+            scores = evaluate_file(path, classifier, info, device, args)
+            report.setdefault("files", {})[str(path)] = scores
+            if args.all_splits or len(args.file) > 1:
+                print()
+            print(f"{path}: {scores['examples']} rows")
+            print_scores({Path(path).name: scores}, names)
+        if args.json:
+            data.write_json(args.json, {"run": str(args.run), "class_names": names, **report})
+        if args.predict:
+            n = write_predictions(args.predict, args.output, classifier, info, device, args)
+            print(f"Wrote {n} predictions to {args.output}")
         tokenizer = data.get_tokenizer()
-        for text in texts:
-            label, prob = classify(text, classifier, tokenizer, info, device)
-            shown = echo(text, tokenizer, info, classifier.gpt.cfg.context_length)
-            print(f"{label:<8}  {prob:.4f}  {shown}")
+        width = max(8, *(len(n) for n in names))
+        for text, probs in zip(texts, predict_proba(texts, classifier, info, device, tokenizer)
+                               if texts else []):
+            shown = "  ".join(f"{name:<{width}}  {prob:.4f}"
+                              for name, prob in top_k(probs, args.top_k))
+            print(f"{shown}  {echo(text, tokenizer, info, classifier.gpt.cfg.context_length)}")
     except (ValueError, RunError, data.DataError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a file that cannot be read or written: one line, naming it

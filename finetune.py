@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 import data
 import ddp
@@ -33,11 +33,22 @@ import gpt
 from evaluate import calc_accuracy_loader, select_device
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPLIT_TITLES = {"train": "Training", "validation": "Validation", "test": "Test"}
 
 
 @dataclass
 class TrainConfig:
     data: str = None
+    train_file: str = None
+    val_file: str = None
+    test_file: str = None
+    format: str = None
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: str = None
+    val_frac: float = None
+    test_frac: float = None
+    class_weights: str = None
     weights: str = "small"
     device: str = "auto"
     output_dir: str = None
@@ -53,9 +64,10 @@ class TrainConfig:
     trainable_layers: str = "last_block"
     lora_rank: int = 16
     lora_alpha: float = 16.0
-    token_position: str = "last"
+    token_position: str = None  # last for the chapter's data, flexible for own files
     average_embeddings: bool = False
-    context_length: str = "longest"
+    context_length: str = None  # longest for the chapter's data, batch for own files
+    group_by_length: bool = False
     no_padding: bool = False
     accumulation_steps: int = 1
     disable_causal_mask: bool = False
@@ -70,15 +82,17 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- loss, evaluation
 
-def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100):
-    """Cross-entropy of the class logits against the labels, for one batch."""
+def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100, weight=None):
+    """Cross-entropy of the class logits against the labels, for one batch (`weight`: one
+    weight per class, --class-weights; the mean is then weighted)."""
     input_batch = input_batch.to(device, non_blocking=True)
     target_batch = target_batch.to(device, non_blocking=True)
     logits = model(input_batch)  # (B, num_classes)
-    return F.cross_entropy(logits, target_batch, ignore_index=ignore_index)
+    return F.cross_entropy(logits, target_batch, ignore_index=ignore_index, weight=weight)
 
 
-def calc_loss_loader(data_loader, model, device, num_batches=None, ignore_index=-100):
+def calc_loss_loader(data_loader, model, device, num_batches=None, ignore_index=-100,
+                     weight=None):
     """Mean loss over the first `num_batches` batches (all by default); NaN for an empty loader."""
     if len(data_loader) == 0:
         return float("nan")
@@ -90,31 +104,36 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, ignore_index=
             break
         if ddp.world() > 1:
             total_loss += shared_loss_batch(input_batch, target_batch, model, device,
-                                            ignore_index)
+                                            ignore_index, weight)
         else:
             total_loss += calc_loss_batch(input_batch, target_batch, model, device,
-                                          ignore_index).item()
+                                          ignore_index, weight).item()
     return total_loss / num_batches
 
 
-def shared_loss_batch(input_batch, target_batch, model, device, ignore_index=-100):
+def shared_loss_batch(input_batch, target_batch, model, device, ignore_index=-100, weight=None):
     """Under torchrun: the mean loss of a whole batch of which each process holds a share
-    (the sums of the example losses and their counts, added up over the processes)."""
+    (the sums of the example losses and their counts, added up over the processes; with class
+    weights, the weighted sums and the weights)."""
     input_batch, target_batch = ddp.share(input_batch), ddp.share(target_batch).to(device)
     loss_sum = 0.0
     if len(target_batch):  # the last batch of an evaluation may leave a process none
         logits = model(input_batch.to(device))
         loss_sum = F.cross_entropy(logits, target_batch, ignore_index=ignore_index,
-                                   reduction="sum").item()
-    loss_sum, count = ddp.sum_over_ranks(loss_sum, (target_batch != ignore_index).sum())
+                                   weight=weight, reduction="sum").item()
+    kept = target_batch[target_batch != ignore_index]
+    count = len(kept) if weight is None else weight[kept].sum()
+    loss_sum, count = ddp.sum_over_ranks(loss_sum, count)
     return loss_sum / count if count else float("nan")
 
 
-def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_index=-100):
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_index=-100,
+                   weight=None):
     model.eval()
     with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, ignore_index)
-        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, ignore_index)
+        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, ignore_index,
+                                      weight)
+        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, ignore_index, weight)
     model.train()
     return train_loss, val_loss
 
@@ -149,21 +168,22 @@ def progress(loader, epoch):
     return data.progress(loader, desc=f"Epoch {epoch + 1}", unit="batch")
 
 
-def train(model, loaders, optimizer, cfg, device, scaler=None):
+def train(model, loaders, optimizer, cfg, device, scaler=None, class_weights=None):
     """The chapter's `train_classifier_simple`: returns the history as a dict.
 
     Each step: zero grads, loss, backward, step. Every `eval_freq` steps the mean loss over the
     first `eval_iter` batches of train and validation; after each epoch the accuracy over the first
     `eval_iter` batches of each. With `accumulation_steps` K the gradients of K batches are summed
     (each loss divided by K, so they average) before one optimizer step; a last, shorter group
-    is stepped too.
+    is stepped too. `class_weights` (a tensor, one per class) weights the loss.
     """
     train_loader, val_loader = loaders["train"], loaders["validation"]
     history = {"train_losses": [], "val_losses": [], "train_accs": [], "val_accs": [],
                "examples_seen": 0, "steps": 0,
                # examples seen at each loss and accuracy point: the plots' x positions
                "loss_examples_seen": [], "acc_examples_seen": [],
-               "examples_per_epoch": len(train_loader) * train_loader.batch_size}
+               "examples_per_epoch": len(train_loader) * (  # (a batch sampler: length groups)
+                   train_loader.batch_size or train_loader.batch_sampler.batch_size)}
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     examples_seen, global_step, k = 0, -1, cfg.accumulation_steps
     for epoch in range(cfg.epochs):
@@ -173,7 +193,7 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
                 optimizer.zero_grad(set_to_none=True)
             # Under torchrun each process takes its share of the batch; DDP averages gradients.
             loss = calc_loss_batch(ddp.share(input_batch), ddp.share(target_batch), model, device,
-                                   cfg.ignore_index)
+                                   cfg.ignore_index, class_weights)
             # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
             scaler.scale(loss / k if k > 1 else loss).backward()
             last = cfg.max_steps is not None and global_step + 2 >= cfg.max_steps  # --max-steps
@@ -185,7 +205,8 @@ def train(model, loaders, optimizer, cfg, device, scaler=None):
 
             if global_step % cfg.eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device,
-                                                      cfg.eval_iter, cfg.ignore_index)
+                                                      cfg.eval_iter, cfg.ignore_index,
+                                                      class_weights)
                 history["train_losses"].append(train_loss)
                 history["val_losses"].append(val_loss)
                 history["loss_examples_seen"].append(examples_seen)
@@ -324,14 +345,13 @@ def save_model(tensors, path):
 def dropped_examples(loader):
     """Indices of the examples that the next pass over `loader` leaves out (drop_last).
 
-    Replays the pass's draws on a copy of torch's RNG (a DataLoader over the indices draws
-    exactly as one over the data does), so the RNG itself is left as it was.
+    Replays the pass's draws on a copy of torch's RNG (a DataLoader over the indices with the
+    same batch sampler draws exactly as one over the data does), so the RNG itself is left as
+    it was.
     """
     n = len(loader.dataset)
     with torch.random.fork_rng(devices=[]):
-        replay = DataLoader(range(n), batch_size=loader.batch_size,
-                            shuffle=isinstance(loader.sampler, RandomSampler),
-                            drop_last=loader.drop_last)
+        replay = DataLoader(range(n), batch_sampler=loader.batch_sampler)
         seen = {int(i) for batch in replay for i in batch}
     return sorted(set(range(n)) - seen)
 
@@ -546,21 +566,75 @@ def check_config(cfg):
         raise ValueError("--lr must be a positive number")
     if not 0 <= cfg.weight_decay < big:
         raise ValueError("--weight-decay must be a finite number, 0 or more")
-    if cfg.context_length not in ("longest", "model") and not cfg.context_length.isdigit():
-        raise ValueError("--context-length must be longest, model or a number of tokens")
-    if cfg.context_length.isdigit() and int(cfg.context_length) < 1:
+    ctx = cfg.context_length
+    if ctx is not None and ctx not in ("batch", "longest", "model") and not ctx.isdigit():
+        raise ValueError("--context-length must be batch, longest, model or a number of tokens")
+    if ctx is not None and ctx.isdigit() and int(ctx) < 1:
         raise ValueError("--context-length must be at least 1 token")
     if cfg.no_padding and cfg.batch_size != 1:
         raise ValueError("--no-padding needs --batch-size 1 (texts of different lengths cannot "
                          "share a batch); use --accumulation-steps K to average over K texts")
     if cfg.trunk_cache_gb is not None and not cfg.trunk_cache_gb >= 0:
         raise ValueError("--trunk-cache-gb must be 0 (no cache) or more")
-    if cfg.average_embeddings and cfg.token_position != "last":
+    if cfg.average_embeddings and cfg.token_position not in (None, "last"):
         raise ValueError("--average-embeddings pools every position; drop --token-position")
     if cfg.batch_size % ddp.world():
         raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over "
                          f"{ddp.world()} processes; --batch-size is the whole batch of a step, "
                          f"shared among them: pass a multiple of {ddp.world()}")
+    if ctx == "batch" and (cfg.average_embeddings or cfg.token_position == "last"):
+        raise ValueError("--context-length batch pads each batch only to its own longest text, "
+                         "so the last position (or the mean of all) would depend on the batch; "
+                         "use --token-position flexible, or --context-length longest")
+    class_weight_values(cfg.class_weights)  # refuses a malformed list early
+
+
+def data_choices(cfg):
+    """(token position, context length) of the run: the flags where given, else the data's
+    defaults: the chapter's last position and longest-text padding for its SMS data; for own
+    files the last real token (flexible), each batch padded only to its own longest text."""
+    own = cfg.train_file is not None
+    position = cfg.token_position or ("flexible" if own and not cfg.average_embeddings
+                                      else "last")
+    ctx = cfg.context_length
+    if ctx is None:
+        ctx = ("batch" if own and position != "last" and not cfg.average_embeddings
+               and not cfg.no_padding else "longest")
+    if cfg.group_by_length and (ctx != "batch" or cfg.no_padding):
+        raise ValueError("--group-by-length groups texts of similar length so that batches "
+                         "need less padding; it needs per-batch padding (--context-length "
+                         "batch, the default for own files)")
+    return position, ctx
+
+
+def class_weight_values(spec):
+    """--class-weights: None, "balanced", or a list of positive numbers (ValueError if not)."""
+    if spec is None or spec == "balanced":
+        return spec
+    try:
+        values = [float(x) for x in spec.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"--class-weights {spec!r}: give balanced, or one positive number per "
+                         "class in the class order, such as 1,4,2")
+    return values
+
+
+def class_weights(spec, train_labels, class_names):
+    """The loss's per-class weights as a tensor (None for none). `balanced`: n / (C * n_c),
+    inverse frequency in the training split, so every class weighs the same in total."""
+    values = class_weight_values(spec)
+    if values is None:
+        return None
+    counts = [sum(label == i for label in train_labels) for i in range(len(class_names))]
+    if values == "balanced":
+        values = [len(train_labels) / (len(class_names) * n) for n in counts]
+    elif len(values) != len(class_names):
+        raise ValueError(f"--class-weights gives {len(values)} weights for "
+                         f"{len(class_names)} classes ({', '.join(class_names)}); give one "
+                         "per class, in that order")
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def shortcuts_on(cfg):
@@ -569,10 +643,11 @@ def shortcuts_on(cfg):
     return cfg.fast and not cfg.plain
 
 
-def build_classifier(model, cfg, device, on_full=None):
+def build_classifier(model, cfg, device, on_full=None, position=None):
     """Wrap the set-up model with the run's choices, and the exact shortcuts unless they are off:
     the frozen-trunk cache (`gpt.TrunkCache`) and the last block at the classified position only
-    (`gpt.block_at`). Returns (classifier, note): the note says why the cache is off, or None."""
+    (`gpt.block_at`). Returns (classifier, note): the note says why the cache is off, or None.
+    `position`: the classified position (default: cfg's, or the chapter's last)."""
     trunk, note = None, None
     if shortcuts_on(cfg):
         max_bytes = None if cfg.trunk_cache_gb is None else int(cfg.trunk_cache_gb * 2**30)
@@ -583,7 +658,7 @@ def build_classifier(model, cfg, device, on_full=None):
                                    on_full=on_full)
         except ValueError as e:
             note = f"frozen-trunk cache off: {e}"
-    classifier = gpt.Classifier(model, position=cfg.token_position,
+    classifier = gpt.Classifier(model, position=position or cfg.token_position or "last",
                                 average=cfg.average_embeddings, tail=shortcuts_on(cfg),
                                 trunk=trunk, autocast_dtype=PRECISIONS[cfg.precision])
     return classifier, note
@@ -621,6 +696,7 @@ def run(cfg):
     data.DataError, gpt.WeightsError for bad input (checked before the run folder is touched),
     RunFailed or Interrupted for a run that failed or was stopped later."""
     check_config(cfg)
+    position, ctx = data_choices(cfg)
     device = ddp.device_for_rank(select_device(cfg.device))  # under torchrun: LOCAL_RANK's GPU
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
@@ -634,11 +710,13 @@ def run(cfg):
         print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision}"
               f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''})")
 
-        # 1. Data: the balanced split, tokenized; max_length from the training set.
-        rows, source = data.load(cfg.data)
-        if warning := data.unpublished_warning(rows, source):
-            print(warning)
-        splits = data.make_splits(rows)
+        # 1. Data: labelled rows, split (the chapter's balanced split, or the user's files),
+        # tokenized; max_length from the training set.
+        labelled = data.load_labelled(cfg)
+        splits, class_names = labelled.splits, labelled.class_names
+        for note in labelled.notes:
+            print(note)
+        weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names)
         tokenizer = data.get_tokenizer()
 
         # 2. The model (random weights are drawn right after seeding).
@@ -649,38 +727,52 @@ def run(cfg):
         if cfg.disable_causal_mask:
             gpt.set_causal(model, False)
         context = model.cfg.context_length
-        max_length = {"longest": None, "model": context}.get(cfg.context_length)
-        if cfg.context_length.isdigit():
-            max_length = int(cfg.context_length)
+        max_length = {"longest": None, "batch": None, "model": context}.get(ctx)
+        if ctx.isdigit():
+            max_length = int(ctx)
         if cfg.no_padding:
             max_length = context  # texts keep their own lengths, cut to what the model takes
         if max_length is not None and max_length > context:
             raise ValueError(f"--context-length {max_length} is longer than the model's context:"
                              f" the model takes {context} tokens; pass {context} or less, or "
                              "longest")
-        train_ds = data.SpamDataset(splits["train"], tokenizer, max_length, pad=not cfg.no_padding)
-        if train_ds.max_length > context:
-            raise ValueError(f"the longest training text has {train_ds.max_length} tokens but "
-                             f"the model takes {context}; pass --context-length {context}")
+        pad = False if cfg.no_padding else "batch" if ctx == "batch" else True
+        # Cut at the longest training text, at most the model's context.
+        train_ds = data.TextDataset(splits["train"], tokenizer, max_length, pad=pad,
+                                    limit=context)
         datasets = {"train": train_ds}
-        for name in ("validation", "test"):
-            datasets[name] = data.SpamDataset(splits[name], tokenizer, train_ds.max_length,
-                                              pad=not cfg.no_padding)
-        if train_ds.cut:  # a --context-length shorter than the texts (never the default)
+        for name in list(splits)[1:]:
+            datasets[name] = data.TextDataset(splits[name], tokenizer, train_ds.max_length,
+                                              pad=pad)
+        names = list(datasets)
+        # A --context-length shorter than the texts (never the chapter's default); for own
+        # files, any text longer than the longest training text or the model's context.
+        if train_ds.cut or (cfg.train_file is not None and any(ds.cut for ds in
+                                                               datasets.values())):
             print(cut_note(datasets))
 
         # 3. Loaders, built right after seeding (the chapter's order; they draw when iterated).
         torch.manual_seed(cfg.seed)
         loaders = data.create_loaders(datasets, batch_size=cfg.batch_size,
-                                      pin_memory=device.type == "cuda")
-        print(f"{len(train_ds)} training, {len(datasets['validation'])} validation, "
-              f"{len(datasets['test'])} test examples; max_length {train_ds.max_length}; "
-              f"batches {len(loaders['train'])} / {len(loaders['validation'])} / "
-              f"{len(loaders['test'])}")
+                                      pin_memory=device.type == "cuda",
+                                      group_by_length=cfg.group_by_length)
+        if len(loaders["train"]) == 0:
+            raise ValueError(f"the training split has {len(train_ds)} examples, fewer than one "
+                             f"batch of {cfg.batch_size}; lower --batch-size or add rows")
+        if cfg.train_file is not None:
+            print(f"{len(class_names)} classes, rows per split ({' / '.join(names)}): " + "; ".join(
+                f"{c} " + " / ".join(str(sum(y == i for y in datasets[n].labels)) for n in names)
+                for i, c in enumerate(class_names)))
+        shown = ", ".join(f"{len(ds)} {dict(train='training').get(n, n)}"
+                          for n, ds in datasets.items())
+        padded = (" (each batch padded to its own longest text)" if pad == "batch" else "")
+        print(f"{shown} examples{'' if 'test' in datasets else ' (no test split)'}; "
+              f"max_length {train_ds.max_length}{padded}; batches "
+              + " / ".join(str(len(loaders[n])) for n in names))
 
         # 4. Classification set-up: freeze, new head (drawn right after seeding), unfreeze.
         torch.manual_seed(cfg.seed)
-        gpt.setup_classifier(model, len(data.CLASS_NAMES), cfg.trainable_layers,
+        gpt.setup_classifier(model, len(class_names), cfg.trainable_layers,
                              cfg.lora_rank, cfg.lora_alpha)
         model.to(device)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -696,25 +788,27 @@ def run(cfg):
         # failure keeps the log, the error line in it (a finished run being replaced: as it was).
         work = folder.make()
         if cfg.initial_eval:  # the chapter's look before training; the run reseeds below
-            before, _ = build_classifier(model, cfg, device)  # own cache: training starts cold
+            # own cache: training starts cold
+            before, _ = build_classifier(model, cfg, device, position=position)
             torch.manual_seed(cfg.seed)
-            total = sum(min(n, len(loaders[s])) for n in (10, 5) for s in data.SPLITS)
+            total = sum(min(n, len(loaders[s])) for n in (10, 5) for s in names)
             with data.progress(total=total, desc="Looking before training", unit="batch") as bar:
-                ticking = {s: data.Ticking(loaders[s], bar) for s in data.SPLITS}
+                ticking = {s: data.Ticking(loaders[s], bar) for s in names}
                 accs = [calc_accuracy_loader(ticking[s], before, device, num_batches=10)
-                        for s in data.SPLITS]
+                        for s in names]
                 with torch.no_grad():
-                    losses = [calc_loss_loader(ticking[s], before, device, 5, cfg.ignore_index)
-                              for s in data.SPLITS]
+                    losses = [calc_loss_loader(ticking[s], before, device, 5, cfg.ignore_index,
+                                               weight) for s in names]
             del before
             print("Before fine-tuning (accuracy over 10 batches, loss over 5):")
-            for split_name, acc in zip(("Training", "Validation", "Test"), accs):
-                print(f"{split_name} accuracy: {acc*100:.2f}%")
-            for split_name, loss in zip(("Training", "Validation", "Test"), losses):
-                print(f"{split_name} loss: {loss:.3f}")
+            for s, acc in zip(names, accs):
+                print(f"{SPLIT_TITLES[s]} accuracy: {acc*100:.2f}%")
+            for s, loss in zip(names, losses):
+                print(f"{SPLIT_TITLES[s]} loss: {loss:.3f}")
 
         # 5. Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
-        classifier, note = build_classifier(model, cfg, device, on_full=print)
+        classifier, note = build_classifier(model, cfg, device, on_full=print,
+                                            position=position)
         start_time = time.time()
         torch.manual_seed(cfg.seed)
         optimizer = build_optimizer(model, cfg, device)
@@ -723,7 +817,8 @@ def run(cfg):
             print(note)
         classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        history = train(classifier, loaders, optimizer, cfg, device, scaler)
+        weight = weight.to(device) if weight is not None else None
+        history = train(classifier, loaders, optimizer, cfg, device, scaler, weight)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_minutes = (time.time() - start_time) / 60
@@ -733,12 +828,12 @@ def run(cfg):
         # loader shuffles and drops its last partial batch, so this pass leaves out a few
         # examples (5 of 1,045); run.json names them so that evaluate.py leaves out the same.
         dropped = dropped_examples(loaders["train"])
-        total = sum(len(loaders[s]) for s in data.SPLITS)
+        total = sum(len(loaders[s]) for s in names)
         with data.progress(total=total, desc="Accuracy on every split", unit="batch") as bar:
             final = {s: calc_accuracy_loader(data.Ticking(loaders[s], bar), classifier, device)
-                     for s in data.SPLITS}
-        for split_name, s in zip(("Training", "Validation", "Test"), data.SPLITS):
-            print(f"{split_name} accuracy: {final[s]*100:.2f}%")
+                     for s in names}
+        for s in names:
+            print(f"{SPLIT_TITLES[s]} accuracy: {final[s]*100:.2f}%")
         if not ddp.is_main():
             return None  # rank 0 writes the run folder
 
@@ -756,12 +851,13 @@ def run(cfg):
             "torch": torch.__version__})
         # run.json last: its presence marks the run as finished.
         data.write_json(work / "run.json", {
-            "model": asdict(model.cfg), "num_classes": len(data.CLASS_NAMES),
-            "class_names": list(data.CLASS_NAMES), "max_length": train_ds.max_length,
-            "pad_id": data.PAD_ID, "padding": not cfg.no_padding,
-            "token_position": cfg.token_position, "average_embeddings": cfg.average_embeddings,
+            "model": asdict(model.cfg), "num_classes": len(class_names),
+            "class_names": class_names, "max_length": train_ds.max_length,
+            "pad_id": data.PAD_ID, "padding": pad, "context_length": ctx,
+            "token_position": position, "average_embeddings": cfg.average_embeddings,
+            "splits": {n: len(ds) for n, ds in datasets.items()},
             "precision": cfg.precision, "batch_size": cfg.batch_size,
-            "final_train_dropped": dropped, "data": source, "flags": asdict(cfg),
+            "final_train_dropped": dropped, "data": labelled.source, "flags": asdict(cfg),
             "weights_file": weights_file,
             "base": base if weights_file == "trained.safetensors" else None,
             "files": sorted(files + [weights_file, "metrics.json", "run.json", "log.txt"])})
@@ -810,6 +906,27 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", metavar="PATH", help="the raw SMSSpamCollection file or its zip; no network is "
       "used (default: download once from UCI into the cache)")
+    own = p.add_argument_group("your own labelled data (instead of the SMS data)")
+    own.add_argument("--train-file", metavar="FILE", help="training rows: .csv, .tsv or .jsonl "
+                     "with a text and a label column; validation and test are cut from it "
+                     "(stratified) unless given")
+    own.add_argument("--val-file", metavar="FILE", help="validation rows (same format rules)")
+    own.add_argument("--test-file", metavar="FILE", help="test rows (same format rules)")
+    own.add_argument("--format", choices=data.FORMATS,
+                     help="the files' format (default: from each file's extension)")
+    own.add_argument("--text-column", default=d.text_column, metavar="NAME",
+                     help="the column (JSON key) holding the text, any case (default: text)")
+    own.add_argument("--label-column", default=d.label_column, metavar="NAME",
+                     help="the column (JSON key) holding the label, any case (default: label)")
+    own.add_argument("--labels", metavar="A,B,C", help="the classes in this order (default: "
+                     "numeric order where every label is an integer, else by name)")
+    own.add_argument("--val-frac", type=float, metavar="X", help="share of each class cut "
+                     "from --train-file for validation (default: 0.1; none with --val-file)")
+    own.add_argument("--test-frac", type=float, metavar="X", help="share of each class cut "
+                     "from --train-file for test (default: 0.2; 0 with --val-file)")
+    own.add_argument("--class-weights", metavar="balanced|W1,W2,...",
+                     help="weight the loss per class: balanced (inverse frequency in train) or "
+                     "one number per class in the class order (default: none)")
     a("--weights", default=d.weights, metavar="NAME|DIR|random",
       help="small, medium, large or xl (OpenAI's GPT-2, downloaded once into the cache), a "
       "folder with config.json and model.safetensors, or random, random-medium, random-large, "
@@ -843,12 +960,15 @@ def parse_args(argv=None):
       help="LoRA alpha: the update is scaled by alpha, as in the book (default: 16)")
     a("--token-position", default=d.token_position, choices=("last", "first", "flexible"),
       help="the position classified: last (the chapter's), first, or flexible = the last "
-      "non-padding token of each text (default: last)")
+      "non-padding token of each text (default: last; flexible for own files)")
     a("--average-embeddings", action="store_true",
       help="classify the mean of every position's output instead of one position")
-    a("--context-length", default=d.context_length, metavar="longest|model|N",
-      help="pad (and cut) texts to the longest training text, to the model's context, or to "
-      "N tokens (default: longest, 120 tokens)")
+    a("--context-length", default=d.context_length, metavar="batch|longest|model|N",
+      help="pad each batch to its own longest text (batch), or every text to the longest "
+      "training text, to the model's context, or to N tokens; texts are cut there, and at the "
+      "model's context (default: longest, 120 tokens; batch for own files)")
+    a("--group-by-length", action="store_true", help="draw training batches of texts of "
+      "similar length (shuffled groups): less padding with --context-length batch")
     a("--no-padding", action="store_true",
       help="keep each text its own length (needs --batch-size 1)")
     a("--accumulation-steps", type=int, default=d.accumulation_steps,
