@@ -436,7 +436,7 @@ def final_accuracies(run):
     classifier, info = evaluate.load_run(run, torch.device("cpu"))
     results = evaluate.evaluate_splits(classifier, info, torch.device("cpu"),
                                        info["flags"]["data"])
-    return {name: r[0] for name, r in results.items()}
+    return {name: r["accuracy"] for name, r in results.items()}
 
 
 def copy_weights(tiny_weights, folder):
