@@ -431,35 +431,28 @@ def latest_run(root="runs"):
 # ----------------------------------------------------------------------------- serving a run
 # `--serve`: a page to try the run by hand and a JSON API for programs, on the standard
 # library's threaded HTTP server. One request classifies up to MAX_TEXTS texts; its body may be
-# up to MAX_BODY bytes. The model runs under inference_mode, one batch at a time (a lock).
+# up to MAX_BODY bytes. The model runs under inference_mode, one request at a time (a lock).
 
 MAX_TEXTS = 64
 MAX_BODY = 1 << 20  # 1 MiB
 PAGE = Path(__file__).resolve().with_name("serve.html")
 
 
-def class_probabilities(texts, classifier, tokenizer, info, device, batch_size=32, lock=None):
-    """(probabilities (N, C) float32 on the CPU, truncated flags) for a list of texts, each
-    encoded, cut and padded as in training; a text is `truncated` if it had more tokens than
-    the run's max_length. Without padding (runs trained with --no-padding) each text runs alone,
-    as it did in training. `lock`, if given, is held around each forward pass. A text the
-    tokenizer refuses raises ValueError naming it as texts[i]."""
+def class_probabilities(texts, classifier, tokenizer, info, device, lock=None):
+    """(predict_proba's {class: probability} per text, truncated flags): a text is `truncated`
+    when it has more tokens than the run's max_length, so that only its beginning was classified,
+    as in training. `lock`, if given, is held around the model's work. A text the tokenizer
+    refuses raises ValueError naming it as texts[i]."""
     max_length = min(info["max_length"], classifier.gpt.cfg.context_length)
-    encoded = []
+    truncated = []
     for i, text in enumerate(texts):
         try:
-            encoded.append(data.encode(text, tokenizer, pad=False))
+            truncated.append(len(data.encode(text, tokenizer, pad=False)) > max_length)
         except ValueError as e:  # e.g. tiktoken refuses "<|endoftext|>" inside a text
             raise ValueError(f"texts[{i}] cannot be tokenized: {str(e).splitlines()[0]}") from e
-    truncated = [len(ids) > max_length for ids in encoded]
-    ids = [data.truncate_and_pad(e, max_length, pad=info["padding"]) for e in encoded]
-    step = batch_size if info["padding"] else 1
-    probs = []
-    for i in range(0, len(ids), step):
-        batch = torch.tensor(ids[i:i + step], device=device)
-        with lock or nullcontext(), torch.inference_mode():
-            probs.append(torch.softmax(classifier(batch), dim=-1).cpu())
-    return torch.cat(probs), truncated
+    with lock or nullcontext(), torch.inference_mode():
+        probs = predict_proba(texts, classifier, info, device, tokenizer, batch_size=32)
+    return probs, truncated
 
 
 class RequestError(Exception):
@@ -591,11 +584,9 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
                                                    srv.info, srv.device, lock=srv.model_lock)
         except ValueError as e:
             raise RequestError(400, str(e)) from None
-        names = srv.info["class_names"]
         self._send_json(200, {"predictions": [
-            {"label": names[int(p.argmax())],
-             "probabilities": {name: float(q) for name, q in zip(names, p)},
-             "truncated": cut} for p, cut in zip(probs, truncated)]})
+            {"label": top_k(p)[0][0], "probabilities": p, "truncated": cut}
+            for p, cut in zip(probs, truncated)]})
 
     def _send_json(self, status, obj, headers=()):
         self._send(status, json.dumps(obj).encode() + b"\n", "application/json", headers)

@@ -47,7 +47,8 @@ def served(request, sizes):
     torch.manual_seed(123)
     model = gpt.add_classification_head(gpt.GPTModel(sizes.cfg), 2).to(device).eval()
     classifier = gpt.Classifier(model)
-    info = {"class_names": ["not spam", "spam"], "max_length": sizes.tokens, "padding": True}
+    info = {"class_names": ["not spam", "spam"], "max_length": sizes.tokens, "padding": True,
+            "batch_size": 8}
     server = evaluate.make_server(classifier, info, device, f"random-{request.param}", port=0,
                                   log=False)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -122,7 +123,7 @@ def test_classify_without_http(benchmark, served, sizes, n_texts):
     def call():
         probs, _ = evaluate.class_probabilities(texts, server.classifier, server.tokenizer,
                                                 server.info, device, lock=server.model_lock)
-        assert probs.shape == (n_texts, 2)
+        assert len(probs) == n_texts
 
     slow = n_texts > 1 and device.type == "cpu" and not sizes.tiny
     benchmark.group = f"serve /classify ({device.type})"

@@ -494,3 +494,41 @@ def test_browser_page_fits_a_phone(browser, server):
         assert browser.find_element(By.ID, "text").size["width"] >= 300  # uses the width
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+# ----------------------------------------------------------------------------- any classes
+
+def test_a_three_class_run_of_own_data_is_served(tmp_path, tiny_weights, capsys):
+    """Generic over the run's classes: a run on an own .jsonl file with 3 classes (per-batch
+    padding, the flexible position) answers one probability per class, in the run's order."""
+    words = {"sport": "match goal team", "weather": "rain sun cloud", "money": "bank cash loan"}
+    rows = [{"text": f"{words[c].split()[i % 3]} news number {i}", "label": c}
+            for i in range(30) for c in words]
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run3"
+    finetune.main(["--weights", str(tiny_weights), "--train-file", str(tmp_path / "own.jsonl"),
+                   "--output-dir", str(run), "--device", "cpu", "--epochs", "1",
+                   "--max-steps", "2", "--no-initial-eval"])
+    capsys.readouterr()
+    device = evaluate.select_device("cpu")
+    classifier, info = evaluate.load_run(run, device)
+    srv = evaluate.make_server(classifier, info, device, run.name, port=0, log=False)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        texts = ["goal for the team", "a loan from the bank at last"]
+        status, _, answer = post(base, texts)
+        assert status == 200
+        want = evaluate.predict_proba(texts, classifier, info, device)
+        for p, w in zip(answer["predictions"], want):
+            assert list(p["probabilities"]) == info["class_names"] == sorted(words)
+            assert p["probabilities"] == pytest.approx(w, abs=1e-6)
+            assert p["label"] == max(w, key=w.get)
+        assert request(base, "/health")[2]["classes"] == sorted(words)
+        assert "money, sport, weather" in request(base, "/")[2]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
