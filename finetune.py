@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -430,14 +431,20 @@ def check_free_space(out, tensors):
 
 
 class RunLog:
-    """log.txt: held in memory until the run folder is made, then written there line by line."""
+    """log.txt: held in memory until the run folder is made, then written there line by line
+    (and still kept in memory: a few kB, for a run saved elsewhere when its folder fails)."""
 
     def __init__(self):
         self.early, self.file = io.StringIO(), None
 
     def write(self, text):
-        (self.file or self.early).write(text)
+        self.early.write(text)
+        if self.file:
+            self.file.write(text)
         return len(text)
+
+    def text(self):
+        return self.early.getvalue()
 
     def flush(self):
         if self.file:
@@ -466,7 +473,7 @@ class RunFolder:
             shutil.rmtree(work)  # an earlier attempt that did not finish
         work.mkdir(parents=True, exist_ok=True)
         self.log.file = open(work / "log.txt", "w", encoding="utf-8", buffering=1)
-        self.log.file.write(self.log.early.getvalue())
+        self.log.file.write(self.log.text())
         self.made = True
         return work
 
@@ -503,7 +510,7 @@ class RunFolder:
             error, message = RunFailed, f"could not write {data.describe_os_error(e)}"
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 message += "; free some space, then train again"
-        elif isinstance(e, (ValueError, data.DataError, gpt.WeightsError, Diverged)):
+        elif isinstance(e, (ValueError, data.DataError, gpt.WeightsError, Diverged, RunFailed)):
             error, message = RunFailed, str(e)
         else:
             error, message = None, f"{type(e).__name__}: {e}"
@@ -548,6 +555,31 @@ def swap_in(work, out):
         old.unlink()
     else:
         shutil.rmtree(old)
+
+
+def write_run(folder, tensors, metrics, info, history):
+    """The finished run's files in `folder`: weights, metrics, plots, then run.json, whose
+    presence marks the run as finished (every file written atomically)."""
+    save_model(tensors, folder / info["weights_file"])
+    data.write_json(folder / "metrics.json", metrics)
+    files = plot_history(history, folder)
+    files += [info["weights_file"], "metrics.json", "run.json", "log.txt"]
+    data.write_json(folder / "run.json", {**info, "files": sorted(files)})
+
+
+def rescue(e, tensors, metrics, info, history, log):
+    """What to say when the run folder could not take the finished run: the run is written,
+    whole, to a new folder in the system's temporary folder (another disk, often) instead."""
+    message = f"could not write {data.describe_os_error(e)}"
+    try:
+        spare = Path(tempfile.mkdtemp(prefix="gpt2-classify-run-"))
+        write_run(spare, tensors, metrics, info, history)
+        data.write_atomic(spare / "log.txt", log.text().encode("utf-8"))
+    except OSError as again:
+        return f"{message}, nor in the temporary folder ({data.describe_os_error(again)}); " \
+            "free some space, then train again"
+    return (f"{message}; the finished run was saved to {spare} instead (evaluate.py --run "
+            f"{spare} uses it): move it where you want it")
 
 
 # ----------------------------------------------------------------------------- set-up and CLI
@@ -837,20 +869,18 @@ def run(cfg):
         if not ddp.is_main():
             return None  # rank 0 writes the run folder
 
-        files = plot_history(history, work)
+        # 7. The run folder's files, the weights (what matters most) first.
         weights_file, tensors = weights_to_save(model, base)
         bad = gpt.nonfinite(tensors)
         if bad:
             raise diverged(f"the weight {bad[0]} holds NaN or infinite values",
                            history["steps"] - 1, cfg.epochs - 1, cfg)
-        save_model(tensors, work / weights_file)
-        data.write_json(work / "metrics.json", {
+        metrics = {
             "history": history, "final_accuracy": final, "train_minutes": train_minutes,
             "total_minutes": (time.time() - start) / 60, "device": str(device),
             "device_name": device_name(device), "processes": ddp.world(),
-            "torch": torch.__version__})
-        # run.json last: its presence marks the run as finished.
-        data.write_json(work / "run.json", {
+            "torch": torch.__version__}
+        info = {
             "model": asdict(model.cfg), "num_classes": len(class_names),
             "class_names": class_names, "max_length": train_ds.max_length,
             "pad_id": data.PAD_ID, "padding": pad, "context_length": ctx,
@@ -859,8 +889,11 @@ def run(cfg):
             "precision": cfg.precision, "batch_size": cfg.batch_size,
             "final_train_dropped": dropped, "data": labelled.source, "flags": asdict(cfg),
             "weights_file": weights_file,
-            "base": base if weights_file == "trained.safetensors" else None,
-            "files": sorted(files + [weights_file, "metrics.json", "run.json", "log.txt"])})
+            "base": base if weights_file == "trained.safetensors" else None}
+        try:
+            write_run(work, tensors, metrics, info, history)
+        except OSError as e:  # a full disk, say: the trained model is saved elsewhere if it can
+            raise RunFailed(rescue(e, tensors, metrics, info, history, folder.log)) from e
         print(f"Saved the fine-tuned model to {out}")
     return out
 

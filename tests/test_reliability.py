@@ -299,10 +299,12 @@ def finished_copy(finished_run, tmp_path):
     return out
 
 
-def test_a_full_disk_at_the_end_says_what_was_kept(tiny_weights, data_path, tmp_path,
-                                                   monkeypatch, capsys):
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Writes of file contents under the folders given fail as on a full disk (ENOSPC), as the
+    disk filling up during training would make them; returns a function that adds a folder."""
     import os
-    real_fdopen = os.fdopen
+    real_fdopen, full = os.fdopen, []
 
     class FullDisk:
         def __init__(self, f):
@@ -319,16 +321,45 @@ def test_a_full_disk_at_the_end_says_what_was_kept(tiny_weights, data_path, tmp_
 
     def fdopen(fd, *args, **kw):
         f = real_fdopen(fd, *args, **kw)
-        return FullDisk(f) if ".safetensors." in os.readlink(f"/proc/self/fd/{fd}") else f
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        return FullDisk(f) if any(path.startswith(str(d) + os.sep) for d in full) else f
     monkeypatch.setattr(os, "fdopen", fdopen)
+    return full.append
+
+
+def test_a_full_disk_at_the_end_saves_the_run_elsewhere(tiny_weights, data_path, tmp_path,
+                                                        full_disk, monkeypatch, capsys):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spare-disk"))
+    (tmp_path / "spare-disk").mkdir()
     out = tmp_path / "run"
+    full_disk(out)
     message = fails(finetune.main, quick(tiny_weights, data_path, out))
     assert f"could not write {out / 'trained.safetensors'}: the disk is full" in message
-    assert "free some space" in message and f"Kept: {out / 'log.txt'}" in message
+    (spare,) = (tmp_path / "spare-disk").glob("gpt2-classify-run-*")
+    assert f"the finished run was saved to {spare} instead" in message
+    assert f"Kept: {out / 'log.txt'}" in message
     log = (out / "log.txt").read_text()
     assert "Training completed in" in log and log.splitlines()[-1] == message
     assert not (out / "run.json").exists() and not list(out.glob("*.part"))
     assert "Traceback" not in capsys.readouterr().err
+    # the spare folder is a finished run like any other
+    metrics = json.loads((spare / "metrics.json").read_text())
+    assert final_accuracies(spare) == metrics["final_accuracy"]
+    assert "Training completed in" in (spare / "log.txt").read_text()
+
+
+def test_a_full_disk_everywhere_says_so(tiny_weights, data_path, tmp_path, full_disk,
+                                        monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spare-disk"))
+    (tmp_path / "spare-disk").mkdir()
+    out = tmp_path / "run"
+    full_disk(out)
+    full_disk(tmp_path / "spare-disk")
+    message = fails(finetune.main, quick(tiny_weights, data_path, out))
+    assert "nor in the temporary folder" in message and "free some space" in message
+    assert f"Kept: {out / 'log.txt'} keeps the log" in message
 
 
 def test_too_little_space_is_known_before_training(tiny_weights, data_path, tmp_path,
