@@ -6,7 +6,7 @@ every text to the longest, with and without length grouping (issue 10).
 
 Lengths as skewed as real labelled text: nine in ten texts short (8 to 40 tokens), one in ten
 long (300 to 500). Each benchmark is one training epoch of GPT-2 small (random weights, the last
-block trainable, the last real token classified, exact mode, fp32) over the same 96 examples in
+block trainable, the last real token classified, exact mode, fp32) over the same 48 examples in
 batches of 8, through finetune.py's loaders and training step. extra_info holds examples/s and
 the padded tokens the epoch computed; the ratio between rows is the speed-up. No timing is
 asserted.
@@ -32,7 +32,7 @@ MODES = {  # name: (dataset padding, group by length)
 def skewed_rows(sizes):
     """(label, token ids) rows: 90% short, 10% long, three classes; seeded."""
     g = torch.Generator().manual_seed(123)
-    n = 12 if sizes.tiny else 96
+    n = 12 if sizes.tiny else 48
     short, long = ((3, 8), (30, 60)) if sizes.tiny else ((8, 40), (300, 500))
     rows = []
     for i in range(n):
