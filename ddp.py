@@ -11,6 +11,7 @@ Without torchrun (no WORLD_SIZE above 1 in the environment) every function here 
 world 1, rank 0, the whole batch.
 """
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -32,6 +33,11 @@ def world():
 def rank():
     """This process's rank: 0 without torchrun."""
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def local_world():
+    """Number of processes on this machine: 1 without torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.is_initialized() else 1
 
 
 def is_main():
@@ -110,6 +116,14 @@ def wrap(module, device):
     ignored += [n for n, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def no_sync(model, skip):
+    """Where `skip`, DDP keeps this backward's gradients local (they add up over the batches of
+    a gradient-accumulation group, averaged over the processes at the group's last one)."""
+    if skip and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def first_to_fail():

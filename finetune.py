@@ -128,6 +128,21 @@ def shared_loss_batch(input_batch, target_batch, model, device, ignore_index=-10
     return loss_sum / count if count else float("nan")
 
 
+def share_loss_batch(input_batch, target_batch, model, device, ignore_index=-100, weight=None):
+    """The loss a training step backpropagates: the batch's mean loss. Under torchrun, this
+    process's share of it, scaled so that DDP's average over the processes' gradients is the
+    whole batch's: the mean of its share, or with class weights its weighted sum over the whole
+    batch's sum of weights (added up over the processes) times their number."""
+    input_batch, target_batch = ddp.share(input_batch), ddp.share(target_batch)
+    if ddp.world() == 1 or weight is None:
+        return calc_loss_batch(input_batch, target_batch, model, device, ignore_index, weight)
+    target_batch = target_batch.to(device)
+    loss_sum = F.cross_entropy(model(input_batch.to(device)), target_batch, weight=weight,
+                               ignore_index=ignore_index, reduction="sum")
+    (weights,) = ddp.sum_over_ranks(weight[target_batch[target_batch != ignore_index]].sum())
+    return loss_sum * ddp.world() / weights
+
+
 def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_index=-100,
                    weight=None):
     model.eval()
@@ -192,13 +207,16 @@ def train(model, loaders, optimizer, cfg, device, scaler=None, class_weights=Non
         for batch_idx, (input_batch, target_batch) in enumerate(progress(train_loader, epoch)):
             if batch_idx % k == 0:
                 optimizer.zero_grad(set_to_none=True)
-            # Under torchrun each process takes its share of the batch; DDP averages gradients.
-            loss = calc_loss_batch(ddp.share(input_batch), ddp.share(target_batch), model, device,
-                                   cfg.ignore_index, class_weights)
-            # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
-            scaler.scale(loss / k if k > 1 else loss).backward()
             last = cfg.max_steps is not None and global_step + 2 >= cfg.max_steps  # --max-steps
-            if (batch_idx + 1) % k == 0 or batch_idx + 1 == len(train_loader) or last:
+            stepping = (batch_idx + 1) % k == 0 or batch_idx + 1 == len(train_loader) or last
+            # Under torchrun each process takes its share of the batch, and DDP averages the
+            # gradients over the processes once per optimizer step.
+            with ddp.no_sync(model, not stepping):
+                loss = share_loss_batch(input_batch, target_batch, model, device,
+                                        cfg.ignore_index, class_weights)
+                # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
+                scaler.scale(loss / k if k > 1 else loss).backward()
+            if stepping:
                 scaler.step(optimizer)
                 scaler.update()
             examples_seen += input_batch.shape[0]
@@ -683,6 +701,8 @@ def build_classifier(model, cfg, device, on_full=None, position=None):
     trunk, note = None, None
     if shortcuts_on(cfg):
         max_bytes = None if cfg.trunk_cache_gb is None else int(cfg.trunk_cache_gb * 2**30)
+        if max_bytes is None and device.type == "cpu" and ddp.local_world() > 1:
+            max_bytes = gpt.default_cache_bytes() // ddp.local_world()  # processes share the RAM
         try:
             if max_bytes == 0:
                 raise ValueError("--trunk-cache-gb 0")

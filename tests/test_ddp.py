@@ -16,10 +16,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
+import ddp
 import evaluate
 import experiments
 import finetune
+import gpt
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +82,13 @@ def one_error_line(text):
     return lines[0]
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-shortcuts", "--no-initial-eval"],
-                                   ["--trainable-layers", "all", "--no-initial-eval"]],
-                         ids=["shortcuts", "no-shortcuts", "all-layers"])
+@pytest.mark.parametrize("extra", [
+    [],
+    # and a loss weighted per class: each process's share scaled by the whole batch's weights
+    ["--no-shortcuts", "--class-weights", "1,3", "--no-initial-eval"],
+    # and gradients accumulated over 2 batches: DDP averages them once per optimizer step
+    ["--trainable-layers", "all", "--accumulation-steps", "2", "--no-initial-eval"]],
+    ids=["shortcuts", "no-shortcuts-weighted", "all-layers-accumulated"])
 def test_two_processes_print_the_one_process_log(tmp_path, tiny_weights, raw_path, capsys,
                                                  extra):
     args = ["--weights", tiny_weights, "--data", raw_path, *FLAGS, *extra]
@@ -148,3 +155,45 @@ def test_a_batch_that_does_not_split_evenly_is_refused_once(tmp_path, tiny_weigh
     line = one_error_line(result.stdout + result.stderr)
     assert "--batch-size 7 does not split evenly over 2 processes" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_processes_on_one_machine_share_the_trunk_caches_default_memory(monkeypatch):
+    """Each CPU process's frozen-trunk cache gets its part of the default quarter of the RAM;
+    a GPU's processes have a GPU each, and --trunk-cache-gb stays per process."""
+    torch.manual_seed(0)
+    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=50, context_length=16, emb_dim=8, n_heads=2,
+                                       n_layers=2))
+    gpt.setup_classifier(model, 2, "last_block")
+    cfg = finetune.TrainConfig()
+    cpu = torch.device("cpu")
+    alone = finetune.build_classifier(model, cfg, cpu)[0].trunk.max_bytes
+    assert alone == gpt.default_cache_bytes()
+    monkeypatch.setattr(ddp, "local_world", lambda: 4)
+    assert finetune.build_classifier(model, cfg, cpu)[0].trunk.max_bytes == alone // 4
+    cfg.trunk_cache_gb = 1.0
+    assert finetune.build_classifier(model, cfg, cpu)[0].trunk.max_bytes == 2**30
+
+
+@pytest.mark.parametrize("weight", [None, [1.0, 3.0]], ids=["mean", "class-weighted"])
+def test_the_shares_of_a_training_loss_average_to_the_whole_batchs(monkeypatch, weight):
+    """What DDP does with the processes' gradients (their mean) gives the whole batch's
+    gradient, with class weights too (where the processes' shares hold different weights)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])
+    w = None if weight is None else torch.tensor(weight)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    whole = grads(finetune.calc_loss_batch(x, y, model, "cpu", weight=w))
+    monkeypatch.setattr(ddp, "world", lambda: 2)
+    monkeypatch.setattr(ddp, "sum_over_ranks", lambda v: (float(w[y].sum()),))  # both shares
+    shares = []
+    for r in (0, 1):
+        monkeypatch.setattr(ddp, "rank", lambda r=r: r)
+        shares.append(grads(finetune.share_loss_batch(x, y, model, "cpu", weight=w)))
+    for g, g0, g1 in zip(whole, *shares):
+        torch.testing.assert_close((g0 + g1) / 2, g)
