@@ -80,7 +80,7 @@ def device_for_rank(device):
 
 
 def share(batch):
-    """This process's share of a global batch (rows, consecutive): the whole batch alone.
+    """This process's share of a global batch (consecutive rows); without torchrun, all of it.
 
     The shares of a batch that does not divide evenly differ by one row; a process may get none
     of a batch smaller than the world (the last one of an evaluation).
