@@ -15,6 +15,7 @@ import math
 import os
 import struct
 import sys
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -368,6 +369,9 @@ def default_cache_bytes(device=None):
         return 4 * 2**30
 
 
+_CASTS = weakref.WeakKeyDictionary()  # model -> {dtype: (weights' stamp, cast weights)}
+
+
 class TrunkCache:
     """Outputs of the model's frozen leading part (embeddings + first k blocks), per example.
 
@@ -434,12 +438,18 @@ class TrunkCache:
                                "the cached outputs are stale")
 
     def _cast_blocks(self, dtype):
-        """Per cached block, its linear layers' weights and biases cast to `dtype`, once."""
+        """Per cached block, its linear layers' weights and biases cast to `dtype`, once per
+        model and weights: a later cache over the same frozen weights (the run's, after the look
+        before training) reuses the cast."""
         if dtype not in self._cast:
-            self._cast[dtype] = [
-                {name: p.detach().to(dtype) for name, p in block.named_parameters()
-                 if not name.startswith("norm")}
-                for block in self.model.trf_blocks[:self.n_blocks]]
+            blocks = self.model.trf_blocks[:self.n_blocks]
+            named = [[(n, p) for n, p in block.named_parameters() if not n.startswith("norm")]
+                     for block in blocks]
+            stamp = tuple((p.data_ptr(), p._version) for ps in named for _, p in ps)
+            held = _CASTS.setdefault(self.model, {})
+            if held.get(dtype, (None,))[0] != stamp:
+                held[dtype] = stamp, [{n: p.detach().to(dtype) for n, p in ps} for ps in named]
+            self._cast[dtype] = held[dtype][1]
         return self._cast[dtype]
 
     def compute(self, in_idx):

@@ -335,3 +335,21 @@ def test_the_shortcuts_on_cuda_give_the_exact_logits_and_gradients():
     assert_close(got, expected, rtol=1e-4, atol=1e-5)
     for name, g in expected_grads.items():
         assert_close(got_grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_cast_is_shared_by_later_caches_and_redone_when_the_weights_change():
+    model = noisy_model(dtype=torch.float32)
+    x = padded([5, 3], 8)
+    first, second = gpt.TrunkCache(model, pad_id=PAD), gpt.TrunkCache(model, pad_id=PAD)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first(x)
+        second(x)
+        assert second._cast[torch.bfloat16] is first._cast[torch.bfloat16]
+        model.trf_blocks[0].ff.layers[0].weight.mul_(2.0)  # as loading other weights would
+        third = gpt.TrunkCache(model, pad_id=PAD)
+        got = third(x)
+        assert third._cast[torch.bfloat16] is not first._cast[torch.bfloat16]
+        expected = model.embed(x)
+        for block in model.trf_blocks[:third.n_blocks]:
+            expected = block(expected)
+    assert torch.equal(got, expected.to(torch.bfloat16).float())

@@ -1,0 +1,191 @@
+"""What each speed lever of the default run buys, measured before/after side by side.
+
+    python -m pytest bench/test_levers.py --benchmark-only -s     # CPU: a few minutes
+    python -m pytest -q bench/test_levers.py --benchmark-disable  # smoke pass (tiny, untimed)
+
+Each test times the same piece of work without the lever (before) and with it (after), in turn
+(A B B A A B ...), so that a machine whose speed drifts (other work, clocks) drifts both alike,
+and reports the median of the per-pair ratios before/after with their min and max: the figure
+to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens:
+
+    fill-cast   one trunk-cache fill in bf16: autocast casting the frozen weights on every call
+                (before) vs cast once per run (after)
+    fill-batch  the same fill, per example: batches of 8 (the loop's) vs 32
+    tail        a training step on a cached trunk: the last block at the classified position
+                with keys and values at every position (before) vs re-associated
+                (`gpt.block_at`, after); fp32 and bf16
+    adamw       the optimizer's step over the chapter's trainable set: a loop over tensors
+                (foreach) vs one fused kernel
+
+The table of all of them is printed at the end of the module and written to bench-levers.md
+(not in the smoke pass). No timing is asserted.
+"""
+
+import copy
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt
+
+LEVER_ROUNDS = 5  # timed pairs per lever on the CPU, after one warm-up pair
+
+
+@pytest.fixture(scope="module")
+def lever_table(sizes):
+    """Rows of the levers' table, printed and written when the module ends."""
+    rows = []
+    yield rows
+    if not rows:
+        return
+    head = ("lever", "precision", "before ms", "after ms", "before/after (median, min-max)",
+            "pairs")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        lines.append(" | ".join(str(r[k]) for k in ("lever", "precision", "before", "after",
+                                                      "ratio", "pairs")))
+    text = "\n".join(f"| {line} |" for line in lines)
+    print("\n\nSpeed levers, before/after, side by side:\n" + text)
+    if not sizes.tiny:
+        Path("bench-levers.md").write_text(text + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def gpt_small(sizes):
+    torch.manual_seed(123)
+    model = gpt.GPTModel(sizes.cfg)
+    torch.manual_seed(123)
+    return gpt.setup_classifier(model).eval()
+
+
+def paired(before, after, rounds, per=1):
+    """Time `before()` and `after()` alternately: (before seconds, after seconds, ratios), each
+    per call divided by `per` (e.g. examples), after one untimed warm-up of each."""
+    before(), after()
+    a, b = [], []
+    for i in range(rounds):
+        for f, out in ((before, a), (after, b)) if i % 2 == 0 else ((after, b), (before, a)):
+            t = time.perf_counter()
+            f()
+            out.append((time.perf_counter() - t) / per)
+    return a, b, [x / y for x, y in zip(a, b)]
+
+
+def record(benchmark, lever_table, lever, precision, sizes, before, after, rounds, per=1):
+    """Run the pairs under the benchmark (its own timing is the whole loop) and report them."""
+    results = {}
+
+    def run():
+        results["a"], results["b"], results["r"] = paired(before, after, rounds, per)
+
+    benchmark.group = "levers"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    a, b, r = results["a"], results["b"], results["r"]
+    row = {"lever": lever, "precision": precision,
+           "before": f"{statistics.median(a) * 1e3:.1f}",
+           "after": f"{statistics.median(b) * 1e3:.1f}",
+           "ratio": f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})",
+           "pairs": len(r)}
+    benchmark.extra_info.update(lever=lever, precision=precision, tiny=sizes.tiny,
+                                before_s=a, after_s=b, ratios=r,
+                                ratio_median=statistics.median(r),
+                                threads=torch.get_num_threads(), torch=torch.__version__)
+    lever_table.append(row)
+    print(f"\n{lever} ({precision}): before {row['before']} ms, after {row['after']} ms, "
+          f"before/after {row['ratio']} over {row['pairs']} pairs", flush=True)
+    return row
+
+
+def rounds_of(sizes):
+    return 1 if sizes.tiny else LEVER_ROUNDS
+
+
+def ids_of(token_data, n, sizes):
+    ids = token_data["train"][0]
+    reps = -(-n // len(ids))
+    return ids.repeat(reps, 1)[:n, :sizes.tokens]
+
+
+def test_fill_cast_once(benchmark, lever_table, gpt_small, token_data, sizes):
+    """A bf16 fill of one batch: autocast casting the frozen fp32 weights on each call vs the
+    weights cast once (as in a run, after its first fill)."""
+    x = ids_of(token_data, sizes.batch, sizes)
+    once = gpt.TrunkCache(gpt_small)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once.compute(x[:1])  # the one cast of the run
+
+    def fill(cast):
+        def go():
+            trunk = gpt.TrunkCache(gpt_small, cast_weights=cast)  # a fresh, empty cache
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                trunk(x)
+        return go
+
+    record(benchmark, lever_table, "fill: frozen weights cast once (per batch of "
+           f"{sizes.batch})", "bf16", sizes, fill(False), fill(True), rounds_of(sizes))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fill_batch_size(benchmark, lever_table, gpt_small, token_data, sizes, precision):
+    """A fill, per example, in batches of the loop's 8 vs 32 (ms per example)."""
+    big = 4 * sizes.batch
+    x = ids_of(token_data, big, sizes)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def fill(batch):
+        def go():
+            trunk = gpt.TrunkCache(gpt_small)
+            with torch.no_grad(), amp:
+                for i in range(0, big, batch):
+                    trunk.compute(x[i:i + batch])
+        return go
+
+    record(benchmark, lever_table, f"fill: batches of {big} instead of {sizes.batch} "
+           "(per example)", precision, sizes, fill(sizes.batch), fill(big),
+           min(3, rounds_of(sizes)), per=big)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tail_reassociated(benchmark, lever_table, gpt_small, token_data, sizes, precision):
+    """A training step on a cached trunk (last block, final norm, head; AdamW), the last block
+    at the classified position with keys and values at every position vs `gpt.block_at`."""
+    model = copy.deepcopy(gpt_small).train()
+    trunk = gpt.TrunkCache(model)
+    x = ids_of(token_data, sizes.batch, sizes)
+    y = token_data["train"][1][:sizes.batch]
+    with torch.no_grad():
+        h = trunk(x)
+    block = model.trf_blocks[-1]
+    pos = gpt.token_positions(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step(last):
+        def go():
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                logits = model.out_head(model.final_norm(last(h)))
+            F.cross_entropy(logits.float(), y).backward()
+            opt.step()
+        return go
+
+    record(benchmark, lever_table, "step: last block re-associated (cached trunk)", precision,
+           sizes, step(lambda h: block(h, query_pos=pos)[:, 0]),
+           step(lambda h: gpt.block_at(block, h, pos)), rounds_of(sizes))
+
+
+def test_fused_adamw(benchmark, lever_table, gpt_small, sizes):
+    """AdamW's step over the chapter's trainable set (last block, final norm, head)."""
+    model = copy.deepcopy(gpt_small)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    loop = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1, foreach=True)
+    fused = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1, fused=True)
+    record(benchmark, lever_table, "AdamW: one fused kernel (last block trainable)", "fp32",
+           sizes, loop.step, fused.step, rounds_of(sizes))
