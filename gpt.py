@@ -471,6 +471,48 @@ class TrunkCache:
                     x = block(x)
         return x
 
+    def fill(self, rows, batch_size=32, progress=None):
+        """Compute and store, in batches of `batch_size`, each of `rows` (1-D token ids, any
+        lengths) not stored yet: the examples a run will read, ahead of time, in batches larger
+        than the loop's (larger matrix products run nearer the machine's peak). Each is padded
+        to the longest row given, so any padding a loader gives it later reads a prefix. Only
+        under the causal mask (otherwise the padding is part of the key, and the loop fills).
+        Stops where the store is full. `progress` wraps the batches (a progress bar).
+        Returns the number of examples computed."""
+        if not self.causal:
+            return 0
+        pending = {}
+        for row in rows:
+            row = torch.as_tensor(row)
+            key = self.key(row.cpu().numpy())
+            if key not in self.store and key not in pending:
+                pending[key] = row
+        if not pending:
+            return 0
+        width = max(len(row) for row in pending.values())
+        items = list(pending.items())
+        chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        done = 0
+        device = self.params[0].device
+        for chunk in (progress(chunks) if progress else chunks):
+            if self.uncached:
+                break
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            for j, (_, row) in enumerate(chunk):
+                ids[j, :len(row)] = row
+            computed = self.compute(ids.to(device))
+            dtype = self._store_dtype(device.type, computed)
+            for (key, _), row in zip(chunk, computed):
+                self._put(key, row.to(dtype))
+            done += len(chunk)
+        return done
+
+    @staticmethod
+    def _store_dtype(device_type, computed):
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return computed.dtype
+
     def __call__(self, in_idx):
         """Token ids (B, T) -> the output of the cached part, (B, T, E), in the model's dtype."""
         self._check()
@@ -485,9 +527,7 @@ class TrunkCache:
                 missing.append(i)
         if missing:
             computed = self.compute(in_idx[missing])
-            device = in_idx.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
-                else computed.dtype
+            dtype = self._store_dtype(in_idx.device.type, computed)
             for i, row in zip(missing, computed):  # read as later reads will read it
                 rows[i] = row.to(dtype)
                 self._put(keys[i], rows[i])
@@ -546,9 +586,21 @@ class Classifier(nn.Module):
         self.position, self.average, self.pad_id = position, average, pad_id
         self.tail, self.trunk, self.autocast_dtype = tail, trunk, autocast_dtype
 
+    def autocast(self, device):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=self.autocast_dtype)
+
+    def prefill(self, rows, batch_size=32, progress=None):
+        """Fill the trunk cache with `rows` ahead of time (`TrunkCache.fill`), in the precision
+        the forward pass runs in; nothing without a cache. Returns the examples computed."""
+        if self.trunk is None:
+            return 0
+        with self.autocast(self.trunk.params[0].device):
+            return self.trunk.fill(rows, batch_size, progress)
+
     def forward(self, in_idx):
-        amp = (torch.autocast(in_idx.device.type, dtype=self.autocast_dtype)
-               if self.autocast_dtype is not None else nullcontext())
+        amp = self.autocast(in_idx.device)
         with amp:
             logits = classify_logits(self.gpt, in_idx, self.position, self.average, self.pad_id,
                                      self.tail, self.trunk)

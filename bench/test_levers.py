@@ -10,7 +10,8 @@ to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens
 
     fill-cast   one trunk-cache fill in bf16: autocast casting the frozen weights on every call
                 (before) vs cast once per run (after)
-    fill-batch  the same fill, per example: batches of 8 (the loop's) vs 32
+    fill-batch  the same fill, per example: batches of 8 (the loop's) vs 32 (finetune.py fills
+                the cache ahead of the loop in batches of finetune.FILL_BATCH)
     tail        a training step on a cached trunk: the last block at the classified position
                 with keys and values at every position (before) vs re-associated
                 (`gpt.block_at`, after); fp32 and bf16

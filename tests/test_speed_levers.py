@@ -353,3 +353,46 @@ def test_the_cast_is_shared_by_later_caches_and_redone_when_the_weights_change()
         for block in model.trf_blocks[:third.n_blocks]:
             expected = block(expected)
     assert torch.equal(got, expected.to(torch.bfloat16).float())
+
+
+def test_fill_ahead_stores_each_new_text_once_and_the_loop_then_only_reads():
+    model = noisy_model(dtype=torch.float32)
+    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    x = padded([9, 4, 6, 9], 12)
+    x[3] = x[0]  # the same text twice
+    rows = [x[0], x[1][:4], x[2][:8], x[3]]  # any lengths: unpadded, padded a little
+    assert trunk.fill(rows, batch_size=2) == 3
+    assert len(trunk.store) == 3 and all(len(v) == 12 for v in trunk.store.values())
+    assert trunk.fill(rows) == 0  # nothing new
+    with torch.no_grad():
+        expected = trunk.compute(x)
+        trunk.compute = None  # the loop's batches, padded to 12 or less, are all read
+        assert_close(trunk(x), expected, **F32)
+        assert_close(trunk(x[:, :10]), expected[:, :10], **F32)
+
+
+def test_fill_ahead_stops_at_the_cap_and_skips_without_the_causal_mask():
+    model = noisy_model(dtype=torch.float32)
+    trunk = gpt.TrunkCache(model, pad_id=PAD, max_bytes=2 * 8 * CFG.emb_dim * 4)
+    assert trunk.fill(list(padded([8, 7, 6, 5, 4, 3], 8)), batch_size=2) == 4
+    assert len(trunk.store) == 2 and trunk.partial
+    open_model = noisy_model(replace(CFG, causal=False), dtype=torch.float32)
+    assert gpt.TrunkCache(open_model, pad_id=PAD).fill(list(padded([8, 7], 8))) == 0
+
+
+def test_the_run_fills_ahead_only_when_it_reads_a_whole_epoch(tmp_path, tiny_weights, raw_path,
+                                                              monkeypatch):
+    filled = []
+    original = gpt.Classifier.prefill
+
+    def counting(self, rows, *a, **k):
+        filled.append(original(self, rows, *a, **k))
+        return filled[-1]
+    monkeypatch.setattr(gpt.Classifier, "prefill", counting)
+    run_log(tmp_path, tiny_weights, raw_path, "short")  # --max-steps 3
+    assert filled == []
+    finetune.main(["--weights", str(tiny_weights), "--data", str(raw_path), "--output-dir",
+                   str(tmp_path / "epoch"), "--epochs", "1", "--no-initial-eval"])
+    # every training example and the 40 validation examples the evaluations read (a text may
+    # occur twice: one entry each)
+    assert 1000 < filled[-1] <= 1045 + 40
