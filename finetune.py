@@ -722,16 +722,20 @@ FILL_BATCH = 32  # examples per trunk-cache fill ahead of the loop (the loop's b
 def prefill(classifier, loaders, cfg):
     """Fill the trunk cache, ahead of the loop and in batches of FILL_BATCH, with the examples
     the loop reads anyway when it runs at least one whole epoch: every training example and the
-    validation examples its evaluations read. Larger batches run nearer the machine's peak; the
-    numbers are the same up to float rounding. Returns the examples computed."""
+    validation examples its evaluations read, when they are padded to one length (the chapter's
+    data). Larger batches run nearer the machine's peak; the numbers are the same up to float
+    rounding. Returns the examples computed."""
     train_loader = loaders["train"]
-    if classifier.trunk is None or cfg.max_steps is not None and \
+    if classifier.trunk is None or ddp.world() > 1 or cfg.max_steps is not None and \
             cfg.max_steps < len(train_loader):
-        return 0
+        return 0  # (under torchrun each process reads only its share of each batch)
     val = loaders["validation"].dataset
-    read = min(len(val), cfg.eval_iter * (loaders["validation"].batch_size or 1))
+    read = min(len(val), cfg.eval_iter * cfg.batch_size)
     rows = [train_loader.dataset[i][0] for i in range(len(train_loader.dataset))] + \
         [val[i][0] for i in range(read)]
+    if len({len(row) for row in rows}) > 1:
+        return 0  # padded per batch: the loop's paddings are not known ahead; it fills lazily
+
     def bar(chunks):
         return data.progress(chunks, desc="Frozen-trunk cache", unit="batch")
     return classifier.prefill(rows, FILL_BATCH, bar)
@@ -888,10 +892,10 @@ def run(cfg):
         print(describe_shortcuts(classifier, optimizer, cfg))
         if note:
             print(note)
+        prefill(classifier, loaders, cfg)  # inside the timed phase: it is the loop's work
         classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         weight = weight.to(device) if weight is not None else None
-        prefill(classifier, loaders, cfg)  # inside the timed phase: it is the loop's work
         history = train(classifier, loaders, optimizer, cfg, device, scaler, weight)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -102,8 +102,10 @@ def record(benchmark, lever_table, lever, precision, sizes, before, after, round
     return row
 
 
-def rounds_of(sizes):
-    return 1 if sizes.tiny else LEVER_ROUNDS
+def rounds_of(sizes, config=None):
+    """Timed pairs: one in the smoke pass, else --bench-rounds or LEVER_ROUNDS."""
+    given = config.getoption("bench_rounds") if config is not None else None
+    return 1 if sizes.tiny else given or LEVER_ROUNDS
 
 
 def ids_of(token_data, n, sizes):
@@ -112,7 +114,7 @@ def ids_of(token_data, n, sizes):
     return ids.repeat(reps, 1)[:n, :sizes.tokens]
 
 
-def test_fill_cast_once(benchmark, lever_table, gpt_small, token_data, sizes):
+def test_fill_cast_once(benchmark, lever_table, gpt_small, token_data, sizes, pytestconfig):
     """A bf16 fill of one batch: autocast casting the frozen fp32 weights on each call vs the
     weights cast once (as in a run, after its first fill)."""
     x = ids_of(token_data, sizes.batch, sizes)
@@ -128,7 +130,8 @@ def test_fill_cast_once(benchmark, lever_table, gpt_small, token_data, sizes):
         return go
 
     record(benchmark, lever_table, "fill: frozen weights cast once (per batch of "
-           f"{sizes.batch})", "bf16", sizes, fill(False), fill(True), rounds_of(sizes))
+           f"{sizes.batch})", "bf16", sizes, fill(False), fill(True),
+           rounds_of(sizes, pytestconfig))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -152,7 +155,8 @@ def test_fill_batch_size(benchmark, lever_table, gpt_small, token_data, sizes, p
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_tail_reassociated(benchmark, lever_table, gpt_small, token_data, sizes, precision):
+def test_tail_reassociated(benchmark, lever_table, gpt_small, token_data, sizes, precision,
+                           pytestconfig):
     """A training step on a cached trunk (last block, final norm, head; AdamW), the last block
     at the classified position with keys and values at every position vs `gpt.block_at`."""
     model = copy.deepcopy(gpt_small).train()
@@ -177,10 +181,10 @@ def test_tail_reassociated(benchmark, lever_table, gpt_small, token_data, sizes,
 
     record(benchmark, lever_table, "step: last block re-associated (cached trunk)", precision,
            sizes, step(lambda h: block(h, query_pos=pos)[:, 0]),
-           step(lambda h: gpt.block_at(block, h, pos)), rounds_of(sizes))
+           step(lambda h: gpt.block_at(block, h, pos)), rounds_of(sizes, pytestconfig))
 
 
-def test_fused_adamw(benchmark, lever_table, gpt_small, sizes):
+def test_fused_adamw(benchmark, lever_table, gpt_small, sizes, pytestconfig):
     """AdamW's step over the chapter's trainable set (last block, final norm, head)."""
     model = copy.deepcopy(gpt_small)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -189,4 +193,4 @@ def test_fused_adamw(benchmark, lever_table, gpt_small, sizes):
     loop = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1, foreach=True)
     fused = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1, fused=True)
     record(benchmark, lever_table, "AdamW: one fused kernel (last block trainable)", "fp32",
-           sizes, loop.step, fused.step, rounds_of(sizes))
+           sizes, loop.step, fused.step, rounds_of(sizes, pytestconfig))
