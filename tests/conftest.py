@@ -6,6 +6,7 @@ Hugging Face model has 2 layers of width 32.
 
 import http.server
 import os
+import random
 import socket
 import threading
 import time
@@ -40,6 +41,23 @@ def raw_path():
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI: the real SMS Spam Collection is missing; {how}", pytrace=False)
     pytest.skip(f"needs the real SMS Spam Collection: {how}")
+
+
+@pytest.fixture(scope="session")
+def small_raw_path(tmp_path_factory):
+    """A small SMS Spam Collection: 180 ham and 120 spam texts of 3 to 40 words, so that the
+    balanced split holds 168 / 24 / 48 examples (21 training batches of 8)."""
+    rng = random.Random(0)
+    ham = "ok see you at home later then call me when you get this lol dinner".split()
+    spam = "free win prize cash claim now call txt urgent award guaranteed".split()
+    lines = []
+    for i in range(300):
+        label, words = ("spam", spam) if i % 5 in (1, 3) else ("ham", ham)
+        text = " ".join(rng.choice(words + ham) for _ in range(rng.randint(3, 40)))
+        lines.append(f"{label}\t{text.capitalize()} {i}")
+    path = tmp_path_factory.mktemp("sms") / "SMSSpamCollection"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

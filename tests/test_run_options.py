@@ -9,8 +9,6 @@ alone, that the option changes the result in this set-up, so a run that ignored 
 The seeds are pinned the same way, with random weights and another --seed.
 """
 
-import random
-
 import pytest
 import torch
 
@@ -82,20 +80,8 @@ def same_log(a, b):
 
 
 @pytest.fixture(scope="module")
-def raw_path(tmp_path_factory):
-    """A small SMS Spam Collection: 180 ham and 120 spam texts of 3 to 40 words, so that the
-    balanced split holds 168 / 24 / 48 examples (21 training batches of 8)."""
-    rng = random.Random(0)
-    ham = "ok see you at home later then call me when you get this lol dinner".split()
-    spam = "free win prize cash claim now call txt urgent award guaranteed".split()
-    lines = []
-    for i in range(300):
-        label, words = ("spam", spam) if i % 5 in (1, 3) else ("ham", ham)
-        text = " ".join(rng.choice(words + ham) for _ in range(rng.randint(3, 40)))
-        lines.append(f"{label}\t{text.capitalize()} {i}")
-    path = tmp_path_factory.mktemp("sms") / "SMSSpamCollection"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+def raw_path(small_raw_path):
+    return small_raw_path
 
 
 @pytest.fixture(scope="module")
