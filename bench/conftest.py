@@ -52,6 +52,16 @@ CHAPTER_NOTE = ("Chapter's figures (5 epochs, GPT-2 small, pretrained): ~6 min o
                 "0.28 min on an A100 (0.69 min with all layers trainable).")
 
 
+def checked_mfu(flops, seconds, peak_tflops, what):
+    """Model FLOP utilisation: `flops` done in `seconds` over the peak. Over 100% is impossible,
+    so it means a wrong peak or a wrong FLOP count: refused (ValueError), never printed."""
+    mfu = flops / seconds / (peak_tflops * 1e12)
+    if mfu > 1:
+        raise ValueError(f"MFU {mfu:.0%} for {what}: over 100%, so the peak "
+                         f"({peak_tflops:.3g} TFLOP/s) or the FLOP count ({flops:.3g}) is wrong")
+    return mfu
+
+
 def chapter_figure(device_name, trainable):
     for words, which, figure in CHAPTER_FIGURES:
         if which == trainable and any(w.lower() in device_name.lower() for w in words):
@@ -203,6 +213,12 @@ class Row:
     infos: list = field(default_factory=list)  # the benchmarks' extra_info dicts, kept current
     notes: list = field(default_factory=list)
 
+    def checked_mfu(self, flops, seconds, what):
+        """This row's MFU for `flops` done in `seconds` (see `checked_mfu`)."""
+        return checked_mfu(flops, seconds, self.peak_tflops,
+                           f"{self.device_name} {self.precision} {self.variant} "
+                           f"{self.trainable} {what}")
+
     def phase(self):
         """The chapter's training phase (section 6.7) projected from the pieces measured so far:
         seconds, FLOPs and what is still missing. 650 steps + 180 evaluation batches, plus, with
@@ -240,7 +256,7 @@ class Row:
                "run_examples_per_s": STEPS * self.batch / seconds,
                "run_tokens_per_s": STEPS * self.batch * self.tokens / seconds}
         if self.peak_tflops:
-            out["run_mfu"] = flops / seconds / (self.peak_tflops * 1e12)
+            out["run_mfu"] = self.checked_mfu(flops, seconds, "projected phase")
         return out
 
 
@@ -304,7 +320,7 @@ def summary_rows(results):
         epoch1 = "-" if measured is None else f"{measured:.1f} ({_fmt(first, '.1f')})"
         mfu = None
         if seconds is not None and r.peak_tflops:
-            mfu = flops / seconds / (r.peak_tflops * 1e12)
+            mfu = r.checked_mfu(flops, seconds, "projected phase")
         lines.append([
             r.device_name, r.precision, r.variant, r.trainable,
             _fmt(r.seconds.get("step"), ".1f", 1e3), _fmt(r.seconds.get("eval"), ".1f", 1e3),

@@ -570,3 +570,17 @@ def test_write_atomic_gives_files_the_usual_mode(tmp_path):
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "f.txt").read_bytes() == b"x"
+
+
+def test_write_atomic_interrupted_at_the_swap_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"the finished run's weights")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.write_atomic(target, b"half of a new file")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"the finished run's weights"
+    assert files_in(tmp_path) == ["model.safetensors"]  # no temporary file left beside it

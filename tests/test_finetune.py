@@ -302,3 +302,70 @@ def test_weights_that_cannot_be_downloaded_say_what_to_do(tmp_path, real_data, m
     with pytest.raises(SystemExit) as e:
         finetune.main(["--data", real_data, "--output-dir", str(tmp_path / "run")])
     assert "--weights DIR" in str(e.value) and "--weights random" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- folders, resuming
+
+def small_run_args(weights, raw, out, *extra):
+    return ["--weights", str(weights), "--data", str(raw), "--output-dir", str(out),
+            "--device", "cpu", "--epochs", "1", "--max-steps", "3", "--no-initial-eval", *extra]
+
+
+def test_overwrite_replaces_a_finished_run_with_the_new_one(tmp_path, tiny_weights,
+                                                            small_raw_path, capsys):
+    out = tmp_path / "run"
+    finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "1"))
+    first = (out / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="^error: .*finished run.*--overwrite"):
+        finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "2"))
+    assert (out / "model.safetensors").read_bytes() == first
+    assert json.loads((out / "run.json").read_text())["flags"]["seed"] == 1
+    finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "2",
+                                 "--overwrite"))
+    assert json.loads((out / "run.json").read_text())["flags"]["seed"] == 2
+    assert (out / "model.safetensors").read_bytes() != first  # another head, another model
+
+
+def interrupt_training(monkeypatch):
+    def train(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune, "train", train)
+
+
+def interrupt_saving_the_model(monkeypatch):
+    def save_model(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune, "save_model", save_model)
+
+
+def interrupt_writing_run_json(monkeypatch):
+    """The worst moment: everything else written, run.json (the mark of a finished run) not."""
+    write_json = data.write_json
+
+    def interrupted(path, obj):
+        if str(path).endswith("run.json"):
+            raise KeyboardInterrupt
+        return write_json(path, obj)
+    monkeypatch.setattr(data, "write_json", interrupted)
+
+
+@pytest.mark.parametrize("interrupt", [interrupt_training, interrupt_saving_the_model,
+                                       interrupt_writing_run_json],
+                         ids=["training", "saving the model", "writing run.json"])
+def test_an_interrupted_run_is_unfinished_and_runs_again(interrupt, tmp_path, tiny_weights,
+                                                         small_raw_path, capsys):
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt(mp)
+        with pytest.raises(SystemExit, match="interrupted"):
+            finetune.main(small_run_args(tiny_weights, small_raw_path, out))
+    assert not (out / "run.json").exists()
+    assert not list(tmp_path.rglob("*.part"))
+    with pytest.raises(SystemExit, match="^error: "):  # evaluate.py will not use it
+        evaluate.main(["--run", str(out), "--text", "hello"])
+    # the same command again, without --overwrite: an unfinished folder is no finished run
+    finetune.main(small_run_args(tiny_weights, small_raw_path, out))
+    assert (out / "run.json").is_file()
+    capsys.readouterr()
+    evaluate.main(["--run", str(out), "--text", "hello"])
+    assert capsys.readouterr().out.strip().endswith("hello")
