@@ -314,16 +314,19 @@ def small_run_args(weights, raw, out, *extra):
 def test_overwrite_replaces_a_finished_run_with_the_new_one(tmp_path, tiny_weights,
                                                             small_raw_path, capsys):
     out = tmp_path / "run"
+    def weights():
+        return {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
     finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "1"))
-    first = (out / "model.safetensors").read_bytes()
+    first = weights()
+    assert first
     with pytest.raises(SystemExit, match="^error: .*finished run.*--overwrite"):
         finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "2"))
-    assert (out / "model.safetensors").read_bytes() == first
+    assert weights() == first
     assert json.loads((out / "run.json").read_text())["flags"]["seed"] == 1
     finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "2",
                                  "--overwrite"))
     assert json.loads((out / "run.json").read_text())["flags"]["seed"] == 2
-    assert (out / "model.safetensors").read_bytes() != first  # another head, another model
+    assert weights().keys() == first.keys() and weights() != first  # another head, model
 
 
 def interrupt_training(monkeypatch):
@@ -369,3 +372,26 @@ def test_an_interrupted_run_is_unfinished_and_runs_again(interrupt, tmp_path, ti
     capsys.readouterr()
     evaluate.main(["--run", str(out), "--text", "hello"])
     assert capsys.readouterr().out.strip().endswith("hello")
+
+
+@pytest.mark.parametrize("interrupt", [interrupt_training, interrupt_saving_the_model,
+                                       interrupt_writing_run_json],
+                         ids=["training", "saving the model", "writing run.json"])
+def test_an_interrupted_overwrite_keeps_the_finished_run(interrupt, tmp_path, tiny_weights,
+                                                         small_raw_path, capsys):
+    out = tmp_path / "run"
+    finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "1"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt(mp)
+        with pytest.raises(SystemExit, match="interrupted"):
+            finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "2",
+                                         "--overwrite"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # all of it, unchanged
+    capsys.readouterr()
+    evaluate.main(["--run", str(out), "--text", "hello"])
+    assert capsys.readouterr().out.strip().endswith("hello")
+    # asked again, the new run takes its place once it has finished
+    finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "2",
+                                 "--overwrite"))
+    assert json.loads((out / "run.json").read_text())["flags"]["seed"] == 2
