@@ -102,7 +102,7 @@ CHAPTER_TABLE = """
 | 17 | no causal mask | 99.23 | 98.66 | 95.33 | 0.29 |
 | 18 | padding ignored in the loss (ignore_index 50256) | 96.63 | 99.33 | 95.00 | 0.28 |
 | 19 | mean of all token outputs pooled into the classified position | 97.79 | 99.33 | 96.33 | 0.32 |
-"""
+"""  # noqa: E501 (the table's rows as they are)
 
 
 def test_the_table_matches_the_chapters():

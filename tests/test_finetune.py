@@ -64,7 +64,7 @@ def test_printout_equals_the_chapters_code(finished_run, chapter_reference):
 
 
 def test_final_training_pass_covers_the_chapters_examples(finished_run, chapter_reference,
-                                                        real_data, capsys):
+                                                          real_data, capsys):
     """The chapter's final training pass reads 1,040 of the 1,045 examples (drop_last, drawn
     from the RNG where training left it); run.json names the others, and evaluate.py leaves out
     exactly those, so it prints the chapter's three numbers."""
@@ -314,6 +314,7 @@ def small_run_args(weights, raw, out, *extra):
 def test_overwrite_replaces_a_finished_run_with_the_new_one(tmp_path, tiny_weights,
                                                             small_raw_path, capsys):
     out = tmp_path / "run"
+
     def weights():
         return {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
     finetune.main(small_run_args(tiny_weights, small_raw_path, out, "--seed", "1"))
