@@ -88,6 +88,10 @@ def test_an_mfu_over_100_percent_is_refused(new_row):
     ("plain", "last_block", "step", 2 * (425_984 + 3 * 425_984 + 3 * 128)),
     ("exact", "all", "step", 2 * (6 * 425_984 + 3 * 128)),
     ("exact", "last_layer", "step", 2 * (2 * 425_984 + 3 * 128)),
+    # the shortcuts: the first block is cached (no FLOPs in a step), the last one re-associated at
+    # the classified position: 2 * 12 E^2 + 4 E T H = 24,576 + 8,192 = 32,768, trained: x 3
+    ("fast", "last_block", "step", 2 * (3 * 32_768 + 3 * 128)),
+    ("fast", "last_block", "eval", 2 * (32_768 + 128)),
 ])
 def test_flop_counts(variant, trainable, kind, expected, monkeypatch):
     monkeypatch.setattr(test_speed, "_lever_missing", lambda *args: None)

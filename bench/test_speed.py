@@ -234,11 +234,14 @@ class Setup:
         Forward: 2 per multiply-add of every linear layer (12 E^2 per position of a block) plus
         attention, 4 E Tq T per block (scores and weighted sum, the full T x T as nanoGPT counts
         it). A trained block costs 3 times its forward (the 6N rule). Frozen blocks under the
-        trunk cache cost nothing except in a fill; the tail block queries one position only.
+        trunk cache cost nothing except in a fill. The tail block (`gpt.block_at`) forms no keys
+        or values: at its one position the query, W_k^T q, the context's W_v, out_proj and the
+        feed-forward (24 E^2), and over all T the scores and the weighted sum of the normalised
+        inputs, one E-long dot product per head each (4 E T H).
         Layer norms, softmax, embeddings and the optimizer are not counted.
         """
         cfg, T = self.model.cfg, tokens
-        e = cfg.emb_dim
+        e, heads = cfg.emb_dim, cfg.n_heads
         cached = self.trunk.n_blocks if self.trunk is not None else 0
         blocks = list(self.model.trf_blocks)
         tail = getattr(self.classifier, "tail", False)
@@ -246,12 +249,15 @@ class Setup:
         def forward(tq):  # one block, one example: keys and values at all T, the rest at tq
             return 2 * (2 * e * e * T + 10 * e * e * tq) + 4 * e * tq * T
 
+        def forward_at_one():  # the tail block, re-associated, one example
+            return 2 * 12 * e * e + 4 * e * T * heads
+
         if kind == "fill":
             return batch * cached * forward(T)
         total = 0
         rest = blocks[cached:]
         for i, block in enumerate(rest):
-            f = forward(1 if tail and i == len(rest) - 1 else T)
+            f = forward_at_one() if tail and i == len(rest) - 1 else forward(T)
             trained = kind == "step" and any(p.requires_grad for p in block.parameters())
             total += 3 * f if trained else f
         head = 2 * e * self.model.out_head.out_features  # at the classified position
