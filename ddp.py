@@ -138,4 +138,3 @@ def first_to_fail():
         return dist.distributed_c10d._get_default_store().add("failed processes", 1) == 1
     except Exception:  # the store has gone: torchrun is already ending the run
         return False
-

@@ -30,7 +30,6 @@ from typing import NamedTuple
 
 import data
 import finetune
-import gpt
 
 
 class Row(NamedTuple):

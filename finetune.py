@@ -104,15 +104,16 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, ignore_index=
         if i >= num_batches:
             break
         if ddp.world() > 1:
-            total_loss += shared_loss_batch(input_batch, target_batch, model, device,
-                                            ignore_index, weight)
+            total_loss += eval_loss_over_ranks(input_batch, target_batch, model, device,
+                                               ignore_index, weight)
         else:
             total_loss += calc_loss_batch(input_batch, target_batch, model, device,
                                           ignore_index, weight).item()
     return total_loss / num_batches
 
 
-def shared_loss_batch(input_batch, target_batch, model, device, ignore_index=-100, weight=None):
+def eval_loss_over_ranks(input_batch, target_batch, model, device, ignore_index=-100,
+                         weight=None):
     """Under torchrun: the mean loss of a whole batch of which each process holds a share
     (the sums of the example losses and their counts, added up over the processes; with class
     weights, the weighted sums and the weights)."""
@@ -128,7 +129,8 @@ def shared_loss_batch(input_batch, target_batch, model, device, ignore_index=-10
     return loss_sum / count if count else float("nan")
 
 
-def share_loss_batch(input_batch, target_batch, model, device, ignore_index=-100, weight=None):
+def training_loss_batch(input_batch, target_batch, model, device, ignore_index=-100,
+                        weight=None):
     """The loss a training step backpropagates: the batch's mean loss. Under torchrun, this
     process's share of it, scaled so that DDP's average over the processes' gradients is the
     whole batch's: the mean of its share, or with class weights its weighted sum over the whole
@@ -212,8 +214,8 @@ def train(model, loaders, optimizer, cfg, device, scaler=None, class_weights=Non
             # Under torchrun each process takes its share of the batch, and DDP averages the
             # gradients over the processes once per optimizer step.
             with ddp.no_sync(model, not stepping):
-                loss = share_loss_batch(input_batch, target_batch, model, device,
-                                        cfg.ignore_index, class_weights)
+                loss = training_loss_batch(input_batch, target_batch, model, device,
+                                           cfg.ignore_index, class_weights)
                 # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
                 scaler.scale(loss / k if k > 1 else loss).backward()
             if stepping:
@@ -981,7 +983,8 @@ def device_name(device):
 def parse_args(argv=None):
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Fine-tune GPT-2 as a spam classifier, exactly as "
-                                "chapter 6 does (sections 6.4-6.8), by default through exact shortcuts.")
+                                "chapter 6 does (sections 6.4-6.8), by default through exact "
+                                "shortcuts.")
     a = p.add_argument
     a("--data", metavar="PATH", help="the raw SMSSpamCollection file or its zip; no network is "
       "used (default: download once from UCI into the cache)")
@@ -1059,8 +1062,9 @@ def parse_args(argv=None):
     a("--fast", action="store_true", default=True, help="the exact shortcuts, on by default "
       "(kept for older command lines): cache the frozen blocks' outputs, run the last block "
       "at the classified position only, fused AdamW")
-    a("--no-shortcuts", "--no-fast", dest="fast", action="store_false", help="turn the exact shortcuts off, "
-      "keeping the fused kernels: every step computes the whole model, as the chapter does")
+    a("--no-shortcuts", "--no-fast", dest="fast", action="store_false",
+      help="turn the exact shortcuts off, keeping the fused kernels: every step computes the "
+      "whole model, as the chapter does")
     a("--trunk-cache-gb", type=float, metavar="X", help="memory cap of the frozen-trunk cache in "
       "GiB; 0 turns the cache off (default: a quarter of the machine's memory)")
     a("--precision", default=d.precision, choices=tuple(PRECISIONS),

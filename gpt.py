@@ -384,7 +384,8 @@ class TrunkCache:
     padding: the same text padded to 120 and to 90 tokens shares one entry (the longest padding
     seen is kept; a shorter one reads its prefix). Without the causal mask the whole padded row
     is the key. Entries are stored in the dtype the fill computes in (bf16 under bf16 autocast)
-    and handed back in the model's dtype. `max_bytes` caps the store (default: a quarter of the device's
+    and handed back in the model's dtype. `max_bytes` caps the store (default: a quarter of the
+    device's
     memory); past it, new examples are computed each time they are read, and `on_full` (if
     given) is called once with a message saying so. Under autocast the frozen linear layers'
     weights are cast once, on the first fill, instead of on every call (`cast_weights=False`

@@ -49,7 +49,7 @@ def lever_table(sizes):
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         lines.append(" | ".join(str(r[k]) for k in ("lever", "precision", "before", "after",
-                                                      "ratio", "pairs")))
+                                                    "ratio", "pairs")))
     text = "\n".join(f"| {line} |" for line in lines)
     print("\n\nSpeed levers, before/after, side by side:\n" + text)
     if not sizes.tiny:

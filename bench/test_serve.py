@@ -127,6 +127,7 @@ def test_classify_without_http(benchmark, served, sizes, n_texts):
 
     slow = n_texts > 1 and device.type == "cpu" and not sizes.tiny
     benchmark.group = f"serve /classify ({device.type})"
+
     def in_thread():
         t = threading.Thread(target=call)
         t.start()

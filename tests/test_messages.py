@@ -15,7 +15,6 @@ import sys
 import zipfile
 
 import pytest
-import torch
 
 import data
 import evaluate
@@ -248,7 +247,7 @@ def test_a_context_length_past_the_model_says_so(tmp_path, tiny_weights, sms_fil
 
 
 def test_a_short_context_length_says_how_many_texts_are_cut(tmp_path, tiny_weights, sms_file,
-                                                             capsys):
+                                                            capsys):
     finetune.main(quick(tiny_weights, sms_file, tmp_path / "run", "--context-length", "3"))
     out = capsys.readouterr().out
     rows = data.make_splits(data.load_rows(sms_file))
@@ -298,7 +297,7 @@ def test_weights_disagreeing_in_many_shapes_name_a_few(tiny_hf_dir, tmp_path):
 
 
 def test_a_failed_data_download_names_each_url_once_and_the_way_forward(http_server, closed_url,
-                                                                         tmp_path):
+                                                                        tmp_path):
     missing = http_server.url("/missing.zip")
     with pytest.raises(data.DataError) as e:
         data.fetch(cache=tmp_path / "cache", urls=[closed_url, missing], retries=3, backoff=0,

@@ -497,7 +497,7 @@ def test_every_option_works_with_own_files(tmp_path, monkeypatch, flags, capsys)
 
 @pytest.mark.slow
 def test_the_chapters_csvs_as_own_files_print_the_chapters_log(tmp_path, tiny_weights, raw_path,
-                                                                capsys):
+                                                               capsys):
     """The proof of one pipeline: data.py's three CSVs given back as own files, with the
     chapter's choices, print exactly what the SMS path prints, line for line."""
     splits = tmp_path / "S"

@@ -122,7 +122,7 @@ def test_a_diverging_loss_stops_the_run_at_once(tiny_weights, data_path, tmp_pat
 
 
 def test_non_finite_weights_are_caught_between_printed_losses(tiny_weights, data_path, tmp_path,
-                                                             monkeypatch):
+                                                              monkeypatch):
     # A weight turns NaN at the second step, after step 0's printed losses were fine and with no
     # other loss printed (--eval-freq beyond the run): the check after the epoch catches it.
     real = finetune.build_optimizer
@@ -149,7 +149,7 @@ def test_non_finite_weights_are_caught_between_printed_losses(tiny_weights, data
     assert not (out / "run.json").exists()
 
 
-# ----------------------------------------------------------------------------- folders that cannot be written
+# -------------------------------------------------------------- folders that cannot be written
 
 @pytest.fixture
 def read_only(monkeypatch):
@@ -363,7 +363,7 @@ def test_a_full_disk_everywhere_says_so(tiny_weights, data_path, tmp_path, full_
 
 
 def test_too_little_space_is_known_before_training(tiny_weights, data_path, tmp_path,
-                                                    monkeypatch, capsys):
+                                                   monkeypatch, capsys):
     import collections
     import shutil
     usage = collections.namedtuple("usage", "total used free")
@@ -376,7 +376,7 @@ def test_too_little_space_is_known_before_training(tiny_weights, data_path, tmp_
 
 
 def test_overwrite_with_bad_input_keeps_the_finished_run(finished_copy, tiny_weights, data_path,
-                                                        tmp_path):
+                                                         tmp_path):
     before = snapshot(finished_copy)
     args = quick(tiny_weights, data_path, finished_copy, "--overwrite")
     for bad in (["--data", str(tmp_path / "typo")], ["--context-length", "500"],
@@ -461,7 +461,7 @@ def test_a_swap_cut_short_is_named_by_evaluate(finished_run, tmp_path):
     assert f"rename it to {tmp_path / 'run'}" in message
 
 
-# ----------------------------------------------------------------------------- disk use: what a run folder keeps
+# ------------------------------------------------------------ disk use: what a run folder keeps
 
 def final_accuracies(run):
     classifier, info = evaluate.load_run(run, torch.device("cpu"))
