@@ -369,7 +369,90 @@ def default_cache_bytes(device=None):
         return 4 * 2**30
 
 
-_CASTS = weakref.WeakKeyDictionary()  # model -> {dtype: (weights' stamp, cast weights)}
+_CASTS = weakref.WeakKeyDictionary()  # model -> {dtype: (weights' stamp, prepared blocks)}
+_ONEDNN = {}  # dtype -> torch's oneDNN linear op where it works here, else None
+
+
+def onednn_linear(dtype):
+    """torch's oneDNN linear with a fused epilogue (`mkldnn::_linear_pointwise`, the op that
+    torch.compile's CPU backend emits), for CPU tensors of `dtype`; None where this build of
+    torch lacks it, or it disagrees with F.linear, or (bf16) the CPU lacks oneDNN's bf16 support.
+    Why: on some CPUs (AMD's, for one) F.linear in fp32 goes to MKL at half oneDNN's speed, and
+    the fused GELU and residual add save whole passes over the activations."""
+    if dtype not in _ONEDNN:
+        _ONEDNN[dtype] = None
+        try:
+            op = torch.ops.mkldnn._linear_pointwise
+            if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                raise RuntimeError("no bf16 support")
+            x, w, b, y = (torch.randn(*shape).to(dtype) for shape in ((3, 8), (5, 8), (5,), (3, 5)))
+            z = F.linear(x, w, b)
+            tol = dict(rtol=1e-2, atol=1e-2) if dtype != torch.float32 else {}
+            if torch.allclose(op(x, w, b, "none", [], "").float(), z.float(), **tol) and \
+                    torch.allclose(op(x, w, b, "gelu", [], "tanh").float(),
+                                   F.gelu(z.float(), approximate="tanh"), **tol) and \
+                    torch.allclose(op.binary(x, y, w, b, "add").float(), (z + y).float(), **tol):
+                _ONEDNN[dtype] = op
+        except (AttributeError, RuntimeError):  # not in this build, or not for this dtype
+            pass
+    return _ONEDNN[dtype]
+
+
+class FrozenBlock:
+    """A frozen TransformerBlock's forward for inference, its weights prepared once in `dtype`:
+    query, key and value stacked into one matrix (one product instead of three), every linear
+    weight cast once. On a CPU where torch's oneDNN linear works (`onednn_linear`), the GELU is
+    fused into the first feed-forward product and, in fp32, each residual add into the product
+    before it. The residual stream stays in fp32 as under autocast (which runs the layer norms
+    in fp32 and the products in `dtype`): the same function as `block(x)` under autocast, up to
+    float rounding. No dropout (the trunk cache needs it off)."""
+
+    def __init__(self, block, dtype, device, onednn=True):
+        att = block.att
+        self.dtype, self.causal = dtype, att.causal
+        self.heads, self.emb = att.num_heads, att.d_out
+
+        def cast(t):
+            return None if t is None else t.detach().to(device=device, dtype=dtype)
+        self.qkv = cast(torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]))
+        biases = [att.W_query.bias, att.W_key.bias, att.W_value.bias]
+        self.qkv_bias = None if biases[0] is None else cast(torch.cat(biases))
+        self.out, self.out_bias = cast(att.out_proj.weight), cast(att.out_proj.bias)
+        fc, proj = block.ff.layers[0], block.ff.layers[2]
+        self.fc, self.fc_bias = cast(fc.weight), cast(fc.bias)
+        self.proj, self.proj_bias = cast(proj.weight), cast(proj.bias)
+        self.norms = [(n.scale.detach(), n.shift.detach(), n.eps)
+                      for n in (block.norm1, block.norm2)]
+        cpu = torch.device(device).type == "cpu"
+        self.op = onednn_linear(dtype) if onednn and cpu else None
+
+    def _norm(self, x, i):
+        scale, shift, eps = self.norms[i]
+        return F.layer_norm(x, x.shape[-1:], scale, shift, eps).to(self.dtype)
+
+    def _linear(self, x, w, b, gelu=False):
+        if self.op is not None:
+            return self.op(x, w, b, "gelu" if gelu else "none", [], "tanh" if gelu else "")
+        y = F.linear(x, w, b)
+        return F.gelu(y, approximate="tanh") if gelu else y
+
+    def _add_linear(self, x, residual, w, b):
+        """residual + x W^T + b, in the residual's dtype (fp32)."""
+        if self.op is not None and self.dtype == residual.dtype:
+            return self.op.binary(x, residual, w, b, "add")
+        return residual + self._linear(x, w, b)
+
+    def __call__(self, x):
+        """(B, T, E) fp32 -> (B, T, E) fp32."""
+        bsz, num_tokens, emb = x.shape
+        qkv = self._linear(self._norm(x, 0), self.qkv, self.qkv_bias)  # (B, T, 3E)
+        q, k, v = (t.view(bsz, num_tokens, self.heads, -1).transpose(1, 2)
+                   for t in qkv.split(emb, dim=-1))
+        context = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        context = context.transpose(1, 2).reshape(bsz, num_tokens, emb)
+        x = self._add_linear(context, x, self.out, self.out_bias)
+        hidden = self._linear(self._norm(x, 1), self.fc, self.fc_bias, gelu=True)
+        return self._add_linear(hidden, x, self.proj, self.proj_bias)
 
 
 class TrunkCache:
@@ -387,12 +470,15 @@ class TrunkCache:
     and handed back in the model's dtype. `max_bytes` caps the store (default: a quarter of the
     device's
     memory); past it, new examples are computed each time they are read, and `on_full` (if
-    given) is called once with a message saying so. Under autocast the frozen linear layers'
-    weights are cast once, on the first fill, instead of on every call (`cast_weights=False`
-    leaves that to autocast, for the benchmarks).
+    given) is called once with a message saying so. The frozen blocks run as `FrozenBlock`s,
+    prepared once per model, weights and precision (weights cast once instead of by autocast on
+    every call, Q/K/V in one product, oneDNN's fused GELU and adds on a CPU); `prepare=False`
+    runs the blocks as written (under autocast if on), `onednn=False` prepares them without
+    oneDNN: the benchmarks' before and after.
     """
 
-    def __init__(self, model, pad_id=PAD_ID, max_bytes=None, on_full=None, cast_weights=True):
+    def __init__(self, model, pad_id=PAD_ID, max_bytes=None, on_full=None, prepare=True,
+                 onednn=True):
         if model.cfg.drop_rate != 0:
             raise ValueError("the frozen-trunk cache needs drop_rate 0: with dropout the "
                              "frozen blocks' outputs are random")
@@ -414,7 +500,8 @@ class TrunkCache:
         self.max_bytes = default_cache_bytes(self.params[0].device) if max_bytes is None \
             else max_bytes
         self.bytes, self.uncached, self.on_full = 0, set(), on_full
-        self.cast_weights, self._cast = cast_weights, {}  # dtype -> per block {name: weight}
+        self.prepare, self.onednn = prepare, onednn
+        self._prepared = {}  # dtype -> the cached blocks as FrozenBlocks
 
     @property
     def causal(self):
@@ -438,20 +525,19 @@ class TrunkCache:
             raise RuntimeError("a weight under the frozen-trunk cache was unfrozen or changed; "
                                "the cached outputs are stale")
 
-    def _cast_blocks(self, dtype):
-        """Per cached block, its linear layers' weights and biases cast to `dtype`, once per
-        model and weights: a later cache over the same frozen weights (the run's, after the look
-        before training) reuses the cast."""
-        if dtype not in self._cast:
-            blocks = self.model.trf_blocks[:self.n_blocks]
-            named = [[(n, p) for n, p in block.named_parameters() if not n.startswith("norm")]
-                     for block in blocks]
-            stamp = tuple((p.data_ptr(), p._version) for ps in named for _, p in ps)
+    def _prepared_blocks(self, dtype):
+        """The cached blocks as FrozenBlocks in `dtype`, prepared once per model, weights and
+        precision: a later cache over the same frozen weights (the run's, after the look before
+        training) reuses them."""
+        if dtype not in self._prepared:
+            stamp = (self.onednn,) + tuple((p.data_ptr(), p._version) for p in self.params)
             held = _CASTS.setdefault(self.model, {})
             if held.get(dtype, (None,))[0] != stamp:
-                held[dtype] = stamp, [{n: p.detach().to(dtype) for n, p in ps} for ps in named]
-            self._cast[dtype] = held[dtype][1]
-        return self._cast[dtype]
+                device = self.params[0].device
+                held[dtype] = stamp, [FrozenBlock(block, dtype, device, self.onednn)
+                                      for block in self.model.trf_blocks[:self.n_blocks]]
+            self._prepared[dtype] = held[dtype][1]
+        return self._prepared[dtype]
 
     def compute(self, in_idx):
         """The cached part's output for token ids (B, T), computed now (nothing stored)."""
@@ -460,13 +546,12 @@ class TrunkCache:
         blocks = self.model.trf_blocks[:self.n_blocks]
         with torch.no_grad():
             x = self.model.embed(in_idx)
-            if torch.is_autocast_enabled(device) and self.cast_weights and len(blocks):
-                # The linear weights autocast would cast on every call, cast once: the same
-                # numbers (casting is exact and deterministic), without the repeated work.
-                from torch.func import functional_call
-                cast = self._cast_blocks(torch.get_autocast_dtype(device))
-                for block, weights in zip(blocks, cast):
-                    x = functional_call(block, weights, (x,), strict=False)
+            if self.prepare and len(blocks) and not blocks[0].att.plain:
+                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+                    else x.dtype
+                with torch.autocast(device, enabled=False):  # FrozenBlock casts as autocast would
+                    for block in self._prepared_blocks(dtype):
+                        x = block(x)
             else:
                 for block in blocks:
                     x = block(x)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import data
+import finetune
 import gpt
 
 # ----------------------------------------------------------------------------- the chapter's run
@@ -38,6 +39,8 @@ CHAPTER_BATCH = 8
 # The trunk cache computes the frozen part once per distinct example that the phase reads: every
 # training example (five shuffles reach all 1,045) and the 40 validation examples evaluated.
 DISTINCT_EXAMPLES = 1045 + EVAL_ITER * CHAPTER_BATCH  # 1,085
+# finetune.py fills the cache ahead of the loop in batches of finetune.FILL_BATCH (32): the fill
+# benchmark times one such batch, and the projection counts 1085/32 of them.
 
 # The chapter's timings (5 epochs, GPT-2 small): (words in the device name, trainable, figure).
 CHAPTER_FIGURES = [
@@ -110,6 +113,7 @@ class Sizes:
     tokens: int
     train_examples: int  # for the whole-epoch loaders
     val_examples: int
+    fill_batch: int  # examples per trunk-cache fill, as finetune.py fills ahead of the loop
 
 
 def is_tiny(config):
@@ -122,9 +126,10 @@ def is_tiny(config):
 def sizes(pytestconfig):
     if is_tiny(pytestconfig):
         cfg = gpt.GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
-        return Sizes(True, cfg, batch=2, tokens=16, train_examples=6, val_examples=4)
+        return Sizes(True, cfg, batch=2, tokens=16, train_examples=6, val_examples=4,
+                     fill_batch=4)
     return Sizes(False, gpt.PRESETS["small"][0], batch=CHAPTER_BATCH, tokens=120,
-                 train_examples=1045, val_examples=149)
+                 train_examples=1045, val_examples=149, fill_batch=finetune.FILL_BATCH)
 
 
 @pytest.fixture(scope="session")
@@ -206,6 +211,7 @@ class Row:
     trainable: str
     batch: int
     tokens: int
+    fill_batch: int = None  # examples per fill (the fill's seconds and FLOPs are per fill)
     trunk: bool = None  # whether the classifier caches the frozen trunk (then fills count)
     peak_tflops: float = None
     seconds: dict = field(default_factory=dict)  # kind -> median seconds of one call
@@ -225,7 +231,7 @@ class Row:
         the trunk cache, one fill per distinct example the phase reads (1,085)."""
         parts = {"step": STEPS, "eval": EVAL_BATCHES}
         if self.trunk:
-            parts["fill"] = DISTINCT_EXAMPLES / self.batch
+            parts["fill"] = DISTINCT_EXAMPLES / self.fill_batch
         return self._total(parts)
 
     def first_epoch(self):
@@ -233,7 +239,7 @@ class Row:
         with the cache, its fills (all of it is new then)."""
         parts = {"step": STEPS_PER_EPOCH, "eval": FIRST_EPOCH_EVAL_BATCHES}
         if self.trunk:
-            parts["fill"] = DISTINCT_EXAMPLES / self.batch
+            parts["fill"] = DISTINCT_EXAMPLES / self.fill_batch
         return self._total(parts)
 
     def _total(self, parts):
@@ -373,9 +379,11 @@ def summary_markdown(results, tiny, wall_s, load_end):
            "- Projection of the training phase (section 6.7): 650 steps + 180 evaluation batches "
            "(13 loss evaluations and 5 accuracies, 5 + 5 batches each); with the trunk cache "
            "(`fast`, last block) also one fill per distinct example read (1,085 = 1,045 train + "
-           "40 validation), i.e. 1085/8 fill batches; the cached step and evaluation are then "
-           "timed on cached examples. `epoch s` is the mean of the five epochs; `epoch 1 s` a "
-           "measured whole first epoch (`finetune.train`, cold cache) with its projection.",
+           "40 validation), in batches of 32 as finetune.py fills ahead of the loop "
+           "(`fill ms/batch` is one such batch), i.e. 1085/32 fills; the cached step and "
+           "evaluation are then timed on cached examples. `epoch s` is the mean of the five "
+           "epochs; `epoch 1 s` a measured whole first epoch (`finetune.train`, cold cache) "
+           "with its projection.",
            "- `train ex/s`: the 5,200 training examples over the projected phase (evaluations "
            "and fills included). MFU: model FLOPs (6 x params x tokens for trained matmuls, "
            "2 x for frozen ones, attention 4 T Tq E per layer forward, x 3 when trained) per "

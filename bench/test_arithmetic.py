@@ -19,9 +19,9 @@ def new_row(results):
     """A Row of a fresh Results (the session's summary stays untouched)."""
     fresh = type(results)(0.0, None)
 
-    def make(trunk=False, peak=1.0, batch=8, tokens=120):
+    def make(trunk=False, peak=1.0, batch=8, tokens=120, fill_batch=32):
         row = fresh.row(device="cpu", device_name="Test CPU", precision="fp32", variant="exact",
-                        trainable="last_block", batch=batch, tokens=tokens)
+                        trainable="last_block", batch=batch, tokens=tokens, fill_batch=fill_batch)
         row.trunk, row.peak_tflops = trunk, peak
         return row
     return make
@@ -49,13 +49,14 @@ def test_projection_of_the_chapters_phase(new_row):
 
 def test_projection_with_the_trunk_cache_adds_one_fill_per_distinct_example(new_row):
     row = new_row(trunk=True)
-    row.seconds.update(step=0.04, eval=0.01, fill=0.6)
-    row.flops.update(step=1e8, eval=5e7, fill=4e10)
-    # 1,045 training examples + the 40 validation examples evaluated: 1,085 / 8 fill batches
+    row.seconds.update(step=0.04, eval=0.01, fill=2.4)  # a fill: one batch of 32 examples
+    row.flops.update(step=1e8, eval=5e7, fill=1.6e11)
+    # 1,045 training examples + the 40 validation examples evaluated, filled ahead of the loop
+    # in batches of 32 (finetune.FILL_BATCH): 1,085 / 32 fills
     seconds, flops, _ = row.phase()
-    assert seconds == pytest.approx(650 * 0.04 + 180 * 0.01 + 1085 / 8 * 0.6)  # 109.175 s
-    assert flops == pytest.approx(650 * 1e8 + 180 * 5e7 + 1085 / 8 * 4e10)
-    assert row.first_epoch()[0] == pytest.approx(130 * 0.04 + 40 * 0.01 + 1085 / 8 * 0.6)
+    assert seconds == pytest.approx(650 * 0.04 + 180 * 0.01 + 1085 / 32 * 2.4)  # 109.175 s
+    assert flops == pytest.approx(650 * 1e8 + 180 * 5e7 + 1085 / 32 * 1.6e11)
+    assert row.first_epoch()[0] == pytest.approx(130 * 0.04 + 40 * 0.01 + 1085 / 32 * 2.4)
 
 
 def test_projection_waits_for_every_piece(new_row):

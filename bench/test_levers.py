@@ -8,8 +8,12 @@ Each test times the same piece of work without the lever (before) and with it (a
 and reports the median of the per-pair ratios before/after with their min and max: the figure
 to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens:
 
-    fill-cast   one trunk-cache fill in bf16: autocast casting the frozen weights on every call
-                (before) vs cast once per run (after)
+    fill-prep   one trunk-cache fill of 32 examples (fp32, bf16): the frozen blocks as
+                written, under bf16 autocast casting the weights on every call (before), vs
+                `gpt.FrozenBlock`s prepared once per run (weights cast once, Q/K/V in one
+                product, oneDNN's linear with the GELU and residual adds fused) (after)
+    fill-onednn the same fill, FrozenBlocks without oneDNN's linear (F.linear: MKL in fp32)
+                vs with it
     fill-batch  the same fill, per example: batches of 8 (the loop's) vs 32 (finetune.py fills
                 the cache ahead of the loop in batches of finetune.FILL_BATCH)
     tail        a training step on a cached trunk: the last block at the classified position
@@ -32,6 +36,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import finetune
 import gpt
 
 LEVER_ROUNDS = 5  # timed pairs per lever on the CPU, after one warm-up pair
@@ -114,24 +119,35 @@ def ids_of(token_data, n, sizes):
     return ids.repeat(reps, 1)[:n, :sizes.tokens]
 
 
-def test_fill_cast_once(benchmark, lever_table, gpt_small, token_data, sizes, pytestconfig):
-    """A bf16 fill of one batch: autocast casting the frozen fp32 weights on each call vs the
-    weights cast once (as in a run, after its first fill)."""
-    x = ids_of(token_data, sizes.batch, sizes)
-    once = gpt.TrunkCache(gpt_small)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        once.compute(x[:1])  # the one cast of the run
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("lever", ["prepared", "onednn"])
+def test_fill_prepared_blocks(benchmark, lever_table, gpt_small, token_data, sizes, precision,
+                              lever, pytestconfig):
+    """A fill of one batch of finetune.FILL_BATCH examples. `prepared`: the frozen blocks as
+    written (under bf16 autocast, which casts the fp32 weights on every call) vs `FrozenBlock`s
+    (prepared once per run: weights cast once, Q/K/V in one product, oneDNN's fused GELU and
+    adds). `onednn`: FrozenBlocks without oneDNN's linear vs with it."""
+    if lever == "onednn" and gpt.onednn_linear(finetune.PRECISIONS[precision] or
+                                               torch.float32) is None:
+        pytest.skip(f"no working oneDNN linear for {precision} in this torch on this CPU")
+    x = ids_of(token_data, sizes.fill_batch, sizes)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    before = dict(prepare=False) if lever == "prepared" else dict(onednn=False)
+    with torch.no_grad(), amp:  # prepare both once (as a run does, on its first fill)
+        for kw in (before, {}):
+            gpt.TrunkCache(gpt_small, **kw).compute(x[:1])
 
-    def fill(cast):
+    def fill(**kw):
         def go():
-            trunk = gpt.TrunkCache(gpt_small, cast_weights=cast)  # a fresh, empty cache
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            trunk = gpt.TrunkCache(gpt_small, **kw)  # a fresh, empty cache
+            with torch.no_grad(), amp:
                 trunk(x)
         return go
 
-    record(benchmark, lever_table, "fill: frozen weights cast once (per batch of "
-           f"{sizes.batch})", "bf16", sizes, fill(False), fill(True),
-           rounds_of(sizes, pytestconfig))
+    what = ("frozen blocks prepared once (FrozenBlock)" if lever == "prepared"
+            else "FrozenBlock's products through oneDNN (fused GELU, adds)")
+    record(benchmark, lever_table, f"fill: {what}, per batch of {sizes.fill_batch}", precision,
+           sizes, fill(**before), fill(), rounds_of(sizes, pytestconfig))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -273,7 +273,7 @@ def row_of(sizes, results, peak_tflops):
         device, precision, variant, trainable = case
         row = results.row(device=device, device_name=finetune.device_name(torch.device(device)),
                           precision=precision, variant=variant, trainable=trainable,
-                          batch=sizes.batch, tokens=sizes.tokens)
+                          batch=sizes.batch, tokens=sizes.tokens, fill_batch=sizes.fill_batch)
         if row.peak_tflops is None:
             row.peak_tflops = peak_tflops(torch.device(device), precision)
         return row
@@ -333,7 +333,8 @@ def report(benchmark, results, row, setup, kind, seconds, flops, examples, token
     info.update(device=setup.device.type, device_name=row.device_name, torch=torch.__version__,
                 threads=torch.get_num_threads(), precision=setup.precision,
                 variant=setup.variant, trainable=setup.trainable, kind=kind,
-                batch=sizes.batch, tokens=sizes.tokens, data=token_data["source"],
+                batch=sizes.fill_batch if kind == "fill" else sizes.batch, tokens=sizes.tokens,
+                data=token_data["source"],
                 seconds=seconds, examples_per_s=examples / seconds,
                 tokens_per_s=examples * sizes.tokens / seconds, flops=flops,
                 peak_tflops=row.peak_tflops,
@@ -367,12 +368,13 @@ def test_eval_batch(benchmark, case, setup_row, token_data, sizes, results, pyte
 
 @pytest.mark.parametrize("case", FAST_CASES)
 def test_trunk_fill(benchmark, case, setup_row, token_data, sizes, results, pytestconfig):
-    """The trunk cache computing a batch of new examples: a fresh cache (and batch) each round."""
+    """The trunk cache computing a batch of new examples, as many as finetune.py fills at once
+    (finetune.FILL_BATCH): a fresh cache (and batch) each round."""
     s, row = setup_row(case)
     if s.trunk is None:
         pytest.skip(f"no trunk cache for {s.trainable}: {s.note or 'build_classifier made none'}")
     s.classifier.eval()
-    pool = batches(token_data, "train", sizes.batch)
+    pool = batches(token_data, "train", sizes.fill_batch)
     filled = []
 
     def fill(x, y):
@@ -387,8 +389,8 @@ def test_trunk_fill(benchmark, case, setup_row, token_data, sizes, results, pyte
     seconds = measure(benchmark, fill, pool, warmup, n, f"trunk fill, {s.device.type}")
     trunk, x = filled[-1]  # a text can occur twice in the data: one entry per distinct example
     assert len(trunk.store) == len(torch.unique(x, dim=0)), "the fill missed examples"
-    report(benchmark, results, row, s, "fill", seconds, s.flops("fill", sizes.batch, sizes.tokens),
-           sizes.batch, token_data, sizes)
+    report(benchmark, results, row, s, "fill", seconds,
+           s.flops("fill", sizes.fill_batch, sizes.tokens), sizes.fill_batch, token_data, sizes)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -458,8 +460,8 @@ def test_epoch(benchmark, case, setup_row, row_of, token_data, sizes, results, p
     per_eval = sum(min(cfg.eval_iter, len(loaders[k])) for k in ("train", "validation"))
     evals = (len(range(0, steps, cfg.eval_freq)) + 1) * per_eval
     val_read = min(cfg.eval_iter * sizes.batch, len(sets["validation"]))
-    fills = (len(sets["train"]) + val_read) / sizes.batch if s.trunk else 0
-    flops = sum(count * s.flops(kind, sizes.batch, sizes.tokens)
-                for kind, count in (("step", steps), ("eval", evals), ("fill", fills)))
+    filled = len(sets["train"]) + val_read if s.trunk else 0  # examples, one fill each
+    flops = sum(count * s.flops(kind, batch, sizes.tokens) for kind, count, batch in (
+        ("step", steps, sizes.batch), ("eval", evals, sizes.batch), ("fill", filled, 1)))
     report(benchmark, results, row, s, "epoch", seconds, flops, steps * sizes.batch,
            token_data, sizes)

@@ -3,7 +3,8 @@
 - `gpt.block_at`: the last block at the classified position, re-associated (no keys or values),
   checked in float64 against the whole block, logits and every gradient;
 - `gpt.TrunkCache`: keyed by the text without its trailing padding, capped in memory, stored in
-  the run's precision, its frozen weights cast once under autocast;
+  the run's precision, its frozen blocks prepared once (`gpt.FrozenBlock`: weights cast once,
+  Q/K/V in one product, oneDNN's fused GELU and residual adds on a CPU);
 - finetune.py: the shortcuts on by default, the log saying which, `--no-shortcuts` and
   `--plain` turning them off, `--trunk-cache-gb`.
 """
@@ -54,6 +55,15 @@ def grads_of(model, logits_fn, x, weights):
     (logits * weights).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                              if p.requires_grad}
+
+
+def assert_close_in_bf16(got, expected, ulps=2):
+    """Equal up to bf16 rounding: within `ulps` units in the last place of bf16 at the largest
+    value, and a mean difference far below one."""
+    ulp = 2.0 ** (torch.floor(torch.log2(expected.abs().max())).item() - 7)
+    diff = (got.float() - expected.float()).abs()
+    assert diff.max() <= ulps * ulp, f"max difference {diff.max():.4g} > {ulps} x {ulp}"
+    assert diff.mean() <= ulp / 4, f"mean difference {diff.mean():.4g} > {ulp} / 4"
 
 
 # ----------------------------------------------------------------------------- block_at
@@ -214,29 +224,83 @@ def test_the_default_cap_is_a_quarter_of_the_machine():
     assert gpt.TrunkCache(noisy_model(dtype=torch.float32)).max_bytes == total // 4
 
 
-def test_under_bf16_autocast_the_cache_stores_bf16_and_casts_the_weights_once():
+def test_under_bf16_autocast_the_cache_stores_bf16_and_prepares_the_blocks_once():
     model = noisy_model(dtype=torch.float32)
     x = padded([12, 7, 1, 10], 12)
     once = gpt.TrunkCache(model, pad_id=PAD)
-    each_call = gpt.TrunkCache(model, pad_id=PAD, cast_weights=False)
+    each_call = gpt.TrunkCache(model, pad_id=PAD, prepare=False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = once(x), each_call(x)
         plain = model.embed(x)
         for block in model.trf_blocks[:once.n_blocks]:
             plain = block(plain)
-    # Casting a weight is exact: cast once or by autocast, the same numbers.
-    assert torch.equal(a, b) and torch.equal(a, plain.to(torch.bfloat16).float())
+    # prepare=False is the blocks as written under autocast, exactly
+    assert torch.equal(b, plain.to(torch.bfloat16).float())
+    # prepared: the same function, rounded in bf16 where autocast rounds (the fused GELU
+    # rounds once instead of twice), then stored in bf16
+    assert_close_in_bf16(a, b)
     assert a.dtype == torch.float32
     assert {v.dtype for v in once.store.values()} == {torch.bfloat16}
-    assert list(once._cast) == [torch.bfloat16] and each_call._cast == {}
-    cast = once._cast[torch.bfloat16]
-    assert len(cast) == once.n_blocks and all(
-        w.dtype == torch.bfloat16 for weights in cast for w in weights.values())
-    # fp32 runs store fp32
+    assert list(once._prepared) == [torch.bfloat16] and each_call._prepared == {}
+    blocks = once._prepared[torch.bfloat16]
+    assert len(blocks) == once.n_blocks and all(
+        w.dtype == torch.bfloat16 for fb in blocks for w in (fb.qkv, fb.out, fb.fc, fb.proj))
+    # fp32 runs store fp32, through fp32 prepared blocks
     fp32 = gpt.TrunkCache(model, pad_id=PAD)
     with torch.no_grad():
         fp32(x)
     assert {v.dtype for v in fp32.store.values()} == {torch.float32}
+    assert list(fp32._prepared) == [torch.float32]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_a_frozen_block_computes_what_the_block_computes(causal, qkv_bias, onednn):
+    model = noisy_model(replace(CFG, causal=causal, qkv_bias=qkv_bias), dtype=torch.float32)
+    block = model.trf_blocks[0]
+    x = torch.randn(3, 11, CFG.emb_dim)
+    fp32 = gpt.FrozenBlock(block, torch.float32, "cpu", onednn=onednn)
+    with torch.no_grad():
+        expected = block(x)
+        assert_close(fp32(x), expected, **F32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected_bf16 = block(x)
+        got = gpt.FrozenBlock(block, torch.bfloat16, "cpu", onednn=onednn)(x)
+    assert got.dtype == torch.float32  # the residual stream stays in fp32, as under autocast
+    assert_close_in_bf16(got, expected_bf16)
+    assert (got - expected).abs().max() > 0  # it did round in bf16
+
+
+def test_the_frozen_blocks_use_onednn_where_it_works(monkeypatch):
+    if gpt.onednn_linear(torch.float32) is None:
+        pytest.skip("this build of torch has no working mkldnn::_linear_pointwise")
+    model = noisy_model(dtype=torch.float32)
+    calls = []
+    op = gpt.onednn_linear(torch.float32)
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append(args[3])
+            return op(*args)
+
+        def binary(self, *args):
+            calls.append("add")
+            return op.binary(*args)
+
+    monkeypatch.setitem(gpt._ONEDNN, torch.float32, Counting())
+    x = padded([5, 3], 8)
+    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    with torch.no_grad():
+        got = trunk.compute(x)
+    # per block: Q/K/V in one product, out_proj + residual, GELU fused, ff's out + residual
+    assert calls == ["none", "add", "gelu", "add"] * trunk.n_blocks
+    # where the op is missing (another build, another CPU), the same numbers without it
+    monkeypatch.setitem(gpt._ONEDNN, torch.float32, None)
+    gpt._CASTS.pop(model, None)
+    with torch.no_grad():
+        assert_close(gpt.TrunkCache(model, pad_id=PAD).compute(x), got, **F32)
+    assert len(calls) == 4 * trunk.n_blocks
 
 
 def test_a_changed_weight_is_caught_after_the_cast_too():
@@ -337,22 +401,23 @@ def test_the_shortcuts_on_cuda_give_the_exact_logits_and_gradients():
         assert_close(got_grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_the_cast_is_shared_by_later_caches_and_redone_when_the_weights_change():
+def test_the_prepared_blocks_are_shared_by_later_caches_and_redone_when_weights_change():
     model = noisy_model(dtype=torch.float32)
     x = padded([5, 3], 8)
     first, second = gpt.TrunkCache(model, pad_id=PAD), gpt.TrunkCache(model, pad_id=PAD)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        first(x)
+        before = first(x)
         second(x)
-        assert second._cast[torch.bfloat16] is first._cast[torch.bfloat16]
+        assert second._prepared[torch.bfloat16] is first._prepared[torch.bfloat16]
         model.trf_blocks[0].ff.layers[0].weight.mul_(2.0)  # as loading other weights would
         third = gpt.TrunkCache(model, pad_id=PAD)
         got = third(x)
-        assert third._cast[torch.bfloat16] is not first._cast[torch.bfloat16]
+        assert third._prepared[torch.bfloat16] is not first._prepared[torch.bfloat16]
         expected = model.embed(x)
         for block in model.trf_blocks[:third.n_blocks]:
             expected = block(expected)
-    assert torch.equal(got, expected.to(torch.bfloat16).float())
+    assert_close_in_bf16(got, expected.to(torch.bfloat16))
+    assert (got - before).abs().max() > 0.1  # from the new weights, not the old ones
 
 
 def test_fill_ahead_stores_each_new_text_once_and_the_loop_then_only_reads():
