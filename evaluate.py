@@ -181,9 +181,11 @@ def load_run(run_dir, device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(info.get("precision"))
     if dtype is torch.float16 and device.type != "cuda":
         dtype = torch.bfloat16  # fp16 autocast is a CUDA thing; bf16 has the range it lacks
+    # Inference only: the exact shortcuts of a run's final pass (the blocks before the last
+    # through FrozenBlocks, the last at the classified position), equal up to float rounding.
     classifier = gpt.Classifier(model, position=info["token_position"],
                                 average=info["average_embeddings"], pad_id=info["pad_id"],
-                                autocast_dtype=dtype)
+                                autocast_dtype=dtype, tail=True, prepared=True)
     return classifier, info
 
 

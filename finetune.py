@@ -751,8 +751,12 @@ def describe_shortcuts(classifier, optimizer, cfg):
     trunk = classifier.trunk
     if trunk is not None:
         blocks = f"{trunk.n_blocks} frozen block{'s' * (trunk.n_blocks != 1)}"
+        device = trunk.params[0].device
+        onednn = device.type == "cpu" and trunk.n_blocks and \
+            gpt.onednn_linear(PRECISIONS[cfg.precision] or torch.float32) is not None
         on.append(f"frozen-trunk cache (embeddings + {blocks}, stored in "
-                  f"{cfg.precision}, up to {trunk.max_bytes / 2**30:.1f} GiB)")
+                  f"{cfg.precision}, up to {trunk.max_bytes / 2**30:.1f} GiB"
+                  f"{'; computed through oneDNN' if onednn else ''})")
     if not cfg.average_embeddings:
         on.append("last block at the classified position only")
     if optimizer.defaults.get("fused"):

@@ -369,7 +369,7 @@ def default_cache_bytes(device=None):
         return 4 * 2**30
 
 
-_CASTS = weakref.WeakKeyDictionary()  # model -> {dtype: (weights' stamp, prepared blocks)}
+_PREPARED = weakref.WeakKeyDictionary()  # model -> {(n, dtype, oneDNN): (stamp, FrozenBlocks)}
 _ONEDNN = {}  # dtype -> torch's oneDNN linear op where it works here, else None
 
 
@@ -455,6 +455,38 @@ class FrozenBlock:
         return self._add_linear(hidden, x, self.proj, self.proj_bias)
 
 
+def prepared_blocks(model, n_blocks, dtype, onednn=True):
+    """The model's first `n_blocks` blocks as FrozenBlocks in `dtype`, prepared once per model,
+    weights and precision (held while the model lives), and again once a weight has changed."""
+    blocks = model.trf_blocks[:n_blocks]
+    stamp = tuple((p.data_ptr(), p._version) for block in blocks for p in block.parameters())
+    held = _PREPARED.setdefault(model, {})
+    key = (n_blocks, dtype, onednn)
+    if held.get(key, (None,))[0] != stamp:
+        device = next(model.parameters()).device
+        held[key] = stamp, [FrozenBlock(block, dtype, device, onednn) for block in blocks]
+    return held[key][1]
+
+
+def preparable(model):
+    """Whether FrozenBlocks compute what the model's blocks compute: no dropout at work, the
+    fused kernels (not the chapter's plain formulas), no LoRA-wrapped layer."""
+    blocks = model.trf_blocks
+    return (not model.training or model.cfg.drop_rate == 0) and not blocks[0].att.plain and \
+        not any(isinstance(m, LoRALinear) for m in blocks.modules())
+
+
+def run_prepared(model, x, n_blocks, onednn=True):
+    """`model.trf_blocks[:n_blocks](x)` through FrozenBlocks, for inference (no gradient), in
+    the autocast precision if on (else x's): the same function up to float rounding, faster."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.no_grad(), torch.autocast(device, enabled=False):  # FrozenBlock casts as autocast
+        for block in prepared_blocks(model, n_blocks, dtype, onednn):
+            x = block(x)
+    return x
+
+
 class TrunkCache:
     """Outputs of the model's frozen leading part (embeddings + first k blocks), per example.
 
@@ -501,7 +533,6 @@ class TrunkCache:
             else max_bytes
         self.bytes, self.uncached, self.on_full = 0, set(), on_full
         self.prepare, self.onednn = prepare, onednn
-        self._prepared = {}  # dtype -> the cached blocks as FrozenBlocks
 
     @property
     def causal(self):
@@ -525,33 +556,16 @@ class TrunkCache:
             raise RuntimeError("a weight under the frozen-trunk cache was unfrozen or changed; "
                                "the cached outputs are stale")
 
-    def _prepared_blocks(self, dtype):
-        """The cached blocks as FrozenBlocks in `dtype`, prepared once per model, weights and
-        precision: a later cache over the same frozen weights (the run's, after the look before
-        training) reuses them."""
-        if dtype not in self._prepared:
-            stamp = (self.onednn,) + tuple((p.data_ptr(), p._version) for p in self.params)
-            held = _CASTS.setdefault(self.model, {})
-            if held.get(dtype, (None,))[0] != stamp:
-                device = self.params[0].device
-                held[dtype] = stamp, [FrozenBlock(block, dtype, device, self.onednn)
-                                      for block in self.model.trf_blocks[:self.n_blocks]]
-            self._prepared[dtype] = held[dtype][1]
-        return self._prepared[dtype]
-
     def compute(self, in_idx):
         """The cached part's output for token ids (B, T), computed now (nothing stored)."""
         self._check()
-        device = in_idx.device.type
         blocks = self.model.trf_blocks[:self.n_blocks]
         with torch.no_grad():
             x = self.model.embed(in_idx)
             if self.prepare and len(blocks) and not blocks[0].att.plain:
-                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
-                    else x.dtype
-                with torch.autocast(device, enabled=False):  # FrozenBlock casts as autocast would
-                    for block in self._prepared_blocks(dtype):
-                        x = block(x)
+                # prepared once per run: a later cache over the same frozen weights (the run's,
+                # after the look before training) reuses them
+                x = run_prepared(self.model, x, self.n_blocks, self.onednn)
             else:
                 for block in blocks:
                     x = block(x)
@@ -636,16 +650,21 @@ class TrunkCache:
 
 
 def classify_logits(model, in_idx, position="last", average=False, pad_id=PAD_ID,
-                    tail=False, trunk=None):
+                    tail=False, trunk=None, prepared=False):
     """Class logits (B, C) for token ids (B, T): the classifier's whole forward pass.
 
     The chapter's `model(in_idx)[:, -1, :]` by default. `average` classifies the mean of all
     positions' outputs. Two exact shortcuts: `trunk` (a TrunkCache) supplies the frozen part's
     output; `tail` runs the last block only at the classified position (`block_at`: in O(T E H),
-    no keys or values formed), since no other position of its output is read.
+    no keys or values formed), since no other position of its output is read. `prepared`: for
+    inference (no gradient), the blocks before the last one through FrozenBlocks
+    (`run_prepared`), where they allow it.
     """
     if trunk is not None:
         x, blocks = trunk(in_idx), model.trf_blocks[trunk.n_blocks:]
+    elif prepared and not torch.is_grad_enabled() and preparable(model):
+        n = len(model.trf_blocks) - 1
+        x, blocks = run_prepared(model, model.embed(in_idx), n), model.trf_blocks[n:]
     else:
         x, blocks = model.embed(in_idx), model.trf_blocks
     if average:
@@ -666,11 +685,12 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, gpt, position="last", average=False, pad_id=PAD_ID, tail=False,
-                 trunk=None, autocast_dtype=None):
+                 trunk=None, autocast_dtype=None, prepared=False):
         super().__init__()
         self.gpt = gpt
         self.position, self.average, self.pad_id = position, average, pad_id
         self.tail, self.trunk, self.autocast_dtype = tail, trunk, autocast_dtype
+        self.prepared = prepared
 
     def autocast(self, device):
         if self.autocast_dtype is None:
@@ -689,7 +709,7 @@ class Classifier(nn.Module):
         amp = self.autocast(in_idx.device)
         with amp:
             logits = classify_logits(self.gpt, in_idx, self.position, self.average, self.pad_id,
-                                     self.tail, self.trunk)
+                                     self.tail, self.trunk, self.prepared)
         return logits.float()
 
 

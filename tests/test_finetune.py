@@ -172,6 +172,11 @@ def test_classify_matches_the_batched_forward(finished_run):
         logits = classifier.gpt(ids)[:, -1, :]
     assert label == info["class_names"][int(logits.argmax())]
     assert prob == pytest.approx(float(torch.softmax(logits, -1).max()), abs=1e-6)
+    # ... through the inference shortcuts: FrozenBlocks before the last block, which runs at
+    # the classified position only
+    assert classifier.prepared and classifier.tail
+    assert (len(classifier.gpt.trf_blocks) - 1, torch.float32, True) in \
+        gpt._PREPARED[classifier.gpt]
 
 
 @pytest.mark.parametrize("args, message", [
