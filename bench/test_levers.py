@@ -19,6 +19,8 @@ to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens
     tail        a training step on a cached trunk: the last block at the classified position
                 with keys and values at every position (before) vs re-associated
                 (`gpt.block_at`, after); fp32 and bf16
+    attention   a bf16 training step with every layer trainable: PyTorch's CPU flash attention
+                kernel vs its math backend (`gpt.attention_backend`: on a CPU without AMX)
     adamw       the optimizer's step over the chapter's trainable set: a loop over tensors
                 (foreach) vs one fused kernel
 
@@ -198,6 +200,32 @@ def test_tail_reassociated(benchmark, lever_table, gpt_small, token_data, sizes,
     record(benchmark, lever_table, "step: last block re-associated (cached trunk)", precision,
            sizes, step(lambda h: block(h, query_pos=pos)[:, 0]),
            step(lambda h: gpt.block_at(block, h, pos)), rounds_of(sizes, pytestconfig))
+
+
+def test_math_attention_training(benchmark, lever_table, gpt_small, token_data, sizes,
+                                 monkeypatch, pytestconfig):
+    """A bf16 training step with every layer trainable (no trunk to cache): PyTorch's CPU flash
+    attention kernel vs its math backend (`gpt.attention_backend`, taken on a CPU without AMX)."""
+    model = copy.deepcopy(gpt_small)
+    gpt.setup_classifier(model, trainable="all")
+    model.train()
+    x = ids_of(token_data, sizes.batch, sizes)
+    y = token_data["train"][1][:sizes.batch]
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+
+    def step(amx):
+        def go():
+            monkeypatch.setattr(gpt, "HAS_AMX", amx)  # True: PyTorch's own choice (flash)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = gpt.classify_logits(model, x, tail=True)
+            F.cross_entropy(logits.float(), y).backward()
+            opt.step()
+        return go
+
+    record(benchmark, lever_table, "step, all layers trainable: math attention instead of the "
+           "CPU flash kernel", "bf16", sizes, step(True), step(False),
+           rounds_of(sizes, pytestconfig))
 
 
 def test_fused_adamw(benchmark, lever_table, gpt_small, sizes, pytestconfig):

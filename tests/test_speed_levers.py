@@ -10,6 +10,7 @@
 """
 
 import re
+from contextlib import nullcontext
 from dataclasses import replace
 
 import pytest
@@ -275,6 +276,15 @@ def test_a_frozen_block_computes_what_the_block_computes(causal, qkv_bias, onedn
     assert (got - expected).abs().max() > 0  # it did round in bf16
 
 
+def test_the_onednn_check_draws_nothing_from_the_seeded_generator(monkeypatch):
+    monkeypatch.setattr(gpt, "_ONEDNN", {})  # not checked yet
+    state = torch.get_rng_state()
+    first = [gpt.onednn_linear(dtype) for dtype in (torch.float32, torch.bfloat16)]
+    assert torch.equal(state, torch.get_rng_state())  # a run's shuffles stay the chapter's
+    monkeypatch.setattr(gpt, "_ONEDNN", {})
+    assert [gpt.onednn_linear(dtype) for dtype in (torch.float32, torch.bfloat16)] == first
+
+
 def test_the_frozen_blocks_use_onednn_where_it_works(monkeypatch):
     if gpt.onednn_linear(torch.float32) is None:
         pytest.skip("this build of torch has no working mkldnn::_linear_pointwise")
@@ -444,6 +454,35 @@ def test_prepared_inference_stands_aside_where_it_would_change_the_answer():
             torch.manual_seed(0)
             assert torch.equal(got, gpt.classify_logits(other, x, pad_id=PAD))
         assert other not in gpt._PREPARED
+
+
+def test_bf16_training_on_a_cpu_without_amx_takes_the_math_attention(monkeypatch):
+    q = torch.randn(2, 4, 6, 8).bfloat16().requires_grad_()
+    monkeypatch.setattr(gpt, "HAS_AMX", False)
+    assert isinstance(gpt.attention_backend(q), type(gpt.sdpa_kernel(gpt.SDPBackend.MATH)))
+    for other in (q.detach(), q.float().detach().requires_grad_()):  # no gradient; fp32
+        assert isinstance(gpt.attention_backend(other), type(nullcontext()))
+    with torch.no_grad():
+        assert isinstance(gpt.attention_backend(q), type(nullcontext()))
+    monkeypatch.setattr(gpt, "HAS_AMX", True)
+    assert isinstance(gpt.attention_backend(q), type(nullcontext()))
+
+
+def test_the_math_attention_trains_as_the_flash_kernel_does(monkeypatch):
+    x = padded([12, 7, 1, 10], 12)
+    weights = torch.randn(4, 3)
+    results = {}
+    for amx in (True, False):  # True: PyTorch's choice (flash); False: the math backend
+        monkeypatch.setattr(gpt, "HAS_AMX", amx)
+        model = noisy_model(trainable="all", dtype=torch.float32).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[amx] = grads_of(model, lambda m, ids: m(ids)[:, -1].float(), x, weights)
+    (flash, flash_grads), (math_, math_grads) = results[True], results[False]
+    assert_close_in_bf16(math_, flash, ulps=4, mean_ulps=1)  # three layers of bf16 apart
+    for name, g in flash_grads.items():
+        if name.endswith("W_key.bias"):  # the softmax cancels it: its gradient is rounding
+            continue
+        assert_close(math_grads[name], g, rtol=0.05, atol=0.05 * g.abs().max().item(), msg=name)
 
 
 def test_the_prepared_blocks_are_shared_by_later_caches_and_redone_when_weights_change():
