@@ -39,8 +39,8 @@ CHAPTER_BATCH = 8
 # The trunk cache computes the frozen part once per distinct example that the phase reads: every
 # training example (five shuffles reach all 1,045) and the 40 validation examples evaluated.
 DISTINCT_EXAMPLES = 1045 + EVAL_ITER * CHAPTER_BATCH  # 1,085
-# finetune.py fills the cache ahead of the loop in batches of finetune.FILL_BATCH (32): the fill
-# benchmark times one such batch, and the projection counts 1085/32 of them.
+# finetune.py fills the cache ahead of the loop in batches of finetune.FILL_BATCH (16): the fill
+# benchmark times one such batch, and the projection counts 1085/16 of them.
 
 # The chapter's timings (5 epochs, GPT-2 small): (words in the device name, trainable, figure).
 CHAPTER_FIGURES = [
@@ -379,11 +379,11 @@ def summary_markdown(results, tiny, wall_s, load_end):
            "- Projection of the training phase (section 6.7): 650 steps + 180 evaluation batches "
            "(13 loss evaluations and 5 accuracies, 5 + 5 batches each); with the trunk cache "
            "(`fast`, last block) also one fill per distinct example read (1,085 = 1,045 train + "
-           "40 validation), in batches of 32 as finetune.py fills ahead of the loop "
-           "(`fill ms/batch` is one such batch), i.e. 1085/32 fills; the cached step and "
-           "evaluation are then timed on cached examples. `epoch s` is the mean of the five "
-           "epochs; `epoch 1 s` a measured whole first epoch (`finetune.train`, cold cache) "
-           "with its projection.",
+           f"40 validation), in batches of {finetune.FILL_BATCH} as finetune.py fills ahead of "
+           "the loop (`fill ms/batch` is one such batch), i.e. "
+           f"1085/{finetune.FILL_BATCH} fills; the cached step and evaluation are then timed on "
+           "cached examples. `epoch s` is the mean of the five epochs; `epoch 1 s` a measured "
+           "whole first epoch (`finetune.train`, cold cache) with its projection.",
            "- `train ex/s`: the 5,200 training examples over the projected phase (evaluations "
            "and fills included). MFU: model FLOPs (6 x params x tokens for trained matmuls, "
            "2 x for frozen ones, attention 4 T Tq E per layer forward, x 3 when trained) per "

@@ -8,14 +8,14 @@ Each test times the same piece of work without the lever (before) and with it (a
 and reports the median of the per-pair ratios before/after with their min and max: the figure
 to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens:
 
-    fill-prep   one trunk-cache fill of 32 examples (fp32, bf16): the frozen blocks as
+    fill-prep   one trunk-cache fill of 16 examples (fp32, bf16): the frozen blocks as
                 written, under bf16 autocast casting the weights on every call (before), vs
                 `gpt.FrozenBlock`s prepared once per run (weights cast once, Q/K/V in one
                 product, oneDNN's linear with the GELU and residual adds fused) (after)
     fill-onednn the same fill, FrozenBlocks without oneDNN's linear (F.linear: MKL in fp32)
                 vs with it
-    fill-batch  the same fill, per example: batches of 8 (the loop's) vs 32 (finetune.py fills
-                the cache ahead of the loop in batches of finetune.FILL_BATCH)
+    fill-batch  the same fill, per example: batches of 8 (the loop's) and of 32 vs 16
+                (finetune.FILL_BATCH: finetune.py fills the cache ahead of the loop in those)
     tail        a training step on a cached trunk: the last block at the classified position
                 with keys and values at every position (before) vs re-associated
                 (`gpt.block_at`, after); fp32 and bf16
@@ -153,9 +153,14 @@ def test_fill_prepared_blocks(benchmark, lever_table, gpt_small, token_data, siz
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fill_batch_size(benchmark, lever_table, gpt_small, token_data, sizes, precision):
-    """A fill, per example, in batches of the loop's 8 vs 32 (ms per example)."""
-    big = 4 * sizes.batch
+@pytest.mark.parametrize("other", [8, 32])
+def test_fill_batch_size(benchmark, lever_table, gpt_small, token_data, sizes, precision, other):
+    """A fill, per example, in batches of `other` (the loop's 8, or 32) vs finetune.FILL_BATCH
+    (ms per example). The smoke pass scales the three down to the loop's batch, x 1/2/4."""
+    chosen = finetune.FILL_BATCH
+    if sizes.tiny:
+        chosen, other = 2 * sizes.batch, sizes.batch * other // 8
+    big = 2 * max(chosen, other)
     x = ids_of(token_data, big, sizes)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
@@ -167,8 +172,8 @@ def test_fill_batch_size(benchmark, lever_table, gpt_small, token_data, sizes, p
                     trunk.compute(x[i:i + batch])
         return go
 
-    record(benchmark, lever_table, f"fill: batches of {big} instead of {sizes.batch} "
-           "(per example)", precision, sizes, fill(sizes.batch), fill(big),
+    record(benchmark, lever_table, f"fill: batches of {chosen} instead of {other} "
+           "(per example)", precision, sizes, fill(other), fill(chosen),
            min(3, rounds_of(sizes)), per=big)
 
 
