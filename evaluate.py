@@ -181,12 +181,18 @@ def load_run(run_dir, device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(info.get("precision"))
     if dtype is torch.float16 and device.type != "cuda":
         dtype = torch.bfloat16  # fp16 autocast is a CUDA thing; bf16 has the range it lacks
-    # Inference only: the exact shortcuts of a run's final pass (the blocks before the last
-    # through FrozenBlocks, the last at the classified position), equal up to float rounding.
-    classifier = gpt.Classifier(model, position=info["token_position"],
-                                average=info["average_embeddings"], pad_id=info["pad_id"],
-                                autocast_dtype=dtype, tail=True, prepared=True)
-    return classifier, info
+    return inference_classifier(model, info, dtype), info
+
+
+def inference_classifier(model, info, autocast_dtype=None, shortcuts=True):
+    """The classifier evaluate.py runs a trained model as, with the run's choices (`info`: its
+    run.json). `shortcuts`: for inference, the blocks before the last through FrozenBlocks
+    (prepared once) and the last at the classified position only: the same numbers up to float
+    rounding (off: the model as written, for the benchmarks' before)."""
+    return gpt.Classifier(model, position=info.get("token_position", "last"),
+                          average=info.get("average_embeddings", False),
+                          pad_id=info.get("pad_id", data.PAD_ID), autocast_dtype=autocast_dtype,
+                          tail=shortcuts, prepared=shortcuts)
 
 
 def text_loader(rows, info, tokenizer, batch_size=None):

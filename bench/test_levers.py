@@ -23,6 +23,8 @@ to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens
                 kernel vs its math backend (`gpt.attention_backend`: on a CPU without AMX)
     adamw       the optimizer's step over the chapter's trainable set: a loop over tensors
                 (foreach) vs one fused kernel
+    inference   evaluate.py classifying 8 texts: the model as written vs its inference
+                shortcuts (FrozenBlocks, the last block at the classified position)
 
 The table of all of them is printed at the end of the module and written to bench-levers.md
 (not in the smoke pass). No timing is asserted.
@@ -38,6 +40,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluate
 import finetune
 import gpt
 
@@ -230,6 +233,28 @@ def test_math_attention_training(benchmark, lever_table, gpt_small, token_data, 
 
     record(benchmark, lever_table, "step, all layers trainable: math attention instead of the "
            "CPU flash kernel", "bf16", sizes, step(True), step(False),
+           rounds_of(sizes, pytestconfig))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_inference_shortcuts(benchmark, lever_table, gpt_small, token_data, sizes, precision,
+                             pytestconfig):
+    """evaluate.py classifying a batch of 8 texts (no gradient): the model as written vs its
+    inference shortcuts (`evaluate.inference_classifier`: the blocks before the last through
+    FrozenBlocks, the last at the classified position)."""
+    x = ids_of(token_data, sizes.batch, sizes)
+    dtype = finetune.PRECISIONS[precision]
+
+    def classify(shortcuts):
+        classifier = evaluate.inference_classifier(gpt_small, {}, dtype, shortcuts=shortcuts)
+
+        def go():
+            with torch.no_grad():
+                classifier(x)
+        return go
+
+    record(benchmark, lever_table, "classify 8 texts (evaluate.py, serving): inference "
+           "shortcuts", precision, sizes, classify(False), classify(True),
            rounds_of(sizes, pytestconfig))
 
 

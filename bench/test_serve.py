@@ -46,9 +46,9 @@ def served(request, sizes):
     device = torch.device(request.param)
     torch.manual_seed(123)
     model = gpt.add_classification_head(gpt.GPTModel(sizes.cfg), 2).to(device).eval()
-    classifier = gpt.Classifier(model)
     info = {"class_names": ["not spam", "spam"], "max_length": sizes.tokens, "padding": True,
             "batch_size": 8}
+    classifier = evaluate.inference_classifier(model, info)  # as evaluate.load_run makes it
     server = evaluate.make_server(classifier, info, device, f"random-{request.param}", port=0,
                                   log=False)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},

@@ -110,8 +110,9 @@ def peak_tflops(pytestconfig, sizes, results):
     given = pytestconfig.getoption("peak_tflops")
     results.context["peak"] = (f"--peak-tflops {given}" if given else
                                "measured: the best of 9 square matmuls, 2048 on CPU and 8192 on "
-                               "a GPU (smoke pass: 4 of 256), per device and dtype; on a CPU "
-                               "through both torch.matmul and oneDNN's linear (gpt.FrozenBlock's)")
+                               "a GPU (smoke pass: 4 of 256), per device and dtype; on a CPU also "
+                               "through oneDNN's linear (gpt.FrozenBlock's), square and in a "
+                               "fill's feed-forward shape")
     cache = {}
 
     def peak(device, precision):
@@ -127,20 +128,28 @@ def peak_tflops(pytestconfig, sizes, results):
             a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
             products = [lambda: a @ b]
             # The trunk's fill runs on oneDNN's linear, which on some CPUs (AMD's) is twice as
-            # fast as torch.matmul in fp32: the peak is the faster of the two.
+            # fast as torch.matmul in fp32: the peak is the faster of the two, square and in
+            # the shape of a block's feed-forward product (as many rows as a fill's tokens).
             onednn = gpt.onednn_linear(dtype) if device.type == "cpu" else None
             if onednn is not None:
-                products.append(lambda: onednn(a, b, None, "none", [], ""))
-            best = float("inf")
-            for product in products:
+                e = sizes.cfg.emb_dim
+                x, w = (torch.randn(shape, generator=gen).to(dtype) for shape in (
+                    (sizes.fill_batch * sizes.tokens, e), (4 * e, e)))
+                products += [lambda: onednn(a, b, None, "none", [], ""),
+                             lambda: onednn(x, w, None, "none", [], "")]
+            flops = [2 * n**3, 2 * n**3]
+            if len(products) > 2:
+                flops.append(2 * x.shape[0] * x.shape[1] * w.shape[0])
+            best = 0.0
+            for product, work in zip(products, flops):
                 for i in range(5 if sizes.tiny else 10):
                     sync(device)
                     t = time.perf_counter()
                     product()
                     sync(device)
                     if i:  # the first one warms up
-                        best = min(best, time.perf_counter() - t)
-            cache[key] = 2 * n**3 / best / 1e12
+                        best = max(best, work / (time.perf_counter() - t))
+            cache[key] = best / 1e12
         return cache[key]
 
     return peak
