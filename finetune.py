@@ -719,7 +719,7 @@ def build_classifier(model, cfg, device, on_full=None, position=None):
 
 
 # Examples per trunk-cache fill ahead of the loop (the loop's batches are 8). Measured per example
-# on a 2-core AMD EPYC (fp32, bf16): 16 is as quick as 8 or quicker, and 32 is 1.11x slower in
+# on a 2-core AMD EPYC (fp32, bf16): 16 is as quick as 8 or quicker, and 32 is 1.13x slower in
 # fp32, its activations outgrowing the caches (bench/test_levers.py).
 FILL_BATCH = 16
 

@@ -126,22 +126,19 @@ def peak_tflops(pytestconfig, sizes, results):
             n = 256 if sizes.tiny else 2048 if device.type == "cpu" else 8192
             gen = torch.Generator().manual_seed(0)
             a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-            products = [lambda: a @ b]
+            products = [(lambda: a @ b, 2 * n**3)]  # (product, its FLOPs)
             # The trunk's fill runs on oneDNN's linear, which on some CPUs (AMD's) is twice as
             # fast as torch.matmul in fp32: the peak is the faster of the two, square and in
             # the shape of a block's feed-forward product (as many rows as a fill's tokens).
             onednn = gpt.onednn_linear(dtype) if device.type == "cpu" else None
             if onednn is not None:
-                e = sizes.cfg.emb_dim
-                x, w = (torch.randn(shape, generator=gen).to(dtype) for shape in (
-                    (sizes.fill_batch * sizes.tokens, e), (4 * e, e)))
-                products += [lambda: onednn(a, b, None, "none", [], ""),
-                             lambda: onednn(x, w, None, "none", [], "")]
-            flops = [2 * n**3, 2 * n**3]
-            if len(products) > 2:
-                flops.append(2 * x.shape[0] * x.shape[1] * w.shape[0])
+                e, rows = sizes.cfg.emb_dim, sizes.fill_batch * sizes.tokens
+                x, w = (torch.randn(shape, generator=gen).to(dtype)
+                        for shape in ((rows, e), (4 * e, e)))
+                products += [(lambda: onednn(a, b, None, "none", [], ""), 2 * n**3),
+                             (lambda: onednn(x, w, None, "none", [], ""), 2 * rows * e * 4 * e)]
             best = 0.0
-            for product, work in zip(products, flops):
+            for product, work in products:
                 for i in range(5 if sizes.tiny else 10):
                     sync(device)
                     t = time.perf_counter()
