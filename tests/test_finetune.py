@@ -6,6 +6,7 @@ it prints, line for line, from the same initial weights.
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +62,22 @@ def test_printout_equals_the_chapters_code(finished_run, chapter_reference):
     expected = chapter_reference["lines"]
     assert len(expected) == 6 + 13 + 5 + 3
     assert reference.chapter_lines(out) == expected
+
+
+def test_a_fresh_process_prints_the_chapters_log_too(tmp_path, tiny_weights, real_data,
+                                                     chapter_reference):
+    """`python finetune.py` in a process of its own: what a process-wide cache does on its first
+    use (a check, a preparation) happens inside this run, not in an earlier test, and must not
+    move a seeded draw (a first version of the oneDNN check did)."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "finetune.py"), "--weights",
+                           str(tiny_weights), "--data", str(real_data), "--output-dir",
+                           str(tmp_path / "run"), "--device", "cpu"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert reference.chapter_lines(done.stdout) == chapter_reference["lines"]
 
 
 def test_final_training_pass_covers_the_chapters_examples(finished_run, chapter_reference,
