@@ -440,7 +440,7 @@ class FrozenBlock:
     def __init__(self, block, dtype, device, onednn=True):
         att = block.att
         self.dtype, self.causal = dtype, att.causal
-        self.heads, self.emb = att.num_heads, att.d_out
+        self.heads = att.num_heads
 
         def cast(t):
             return None if t is None else t.detach().to(device=device, dtype=dtype)
