@@ -24,6 +24,7 @@ import torch
 import data
 import ddp
 import gpt
+import shortcuts
 
 
 def select_device(name="auto"):
@@ -184,15 +185,15 @@ def load_run(run_dir, device):
     return inference_classifier(model, info, dtype), info
 
 
-def inference_classifier(model, info, autocast_dtype=None, shortcuts=True):
+def inference_classifier(model, info, autocast_dtype=None, fast=True):
     """The classifier evaluate.py runs a trained model as, with the run's choices (`info`: its
-    run.json). `shortcuts`: for inference, the blocks before the last through FrozenBlocks
+    run.json). `fast`: for inference, the blocks before the last through FrozenBlocks
     (prepared once) and the last at the classified position only: the same numbers up to float
     rounding (off: the model as written, for the benchmarks' before)."""
     return gpt.Classifier(model, position=info.get("token_position", "last"),
                           average=info.get("average_embeddings", False),
                           pad_id=info.get("pad_id", data.PAD_ID), autocast_dtype=autocast_dtype,
-                          tail=shortcuts, prepared=shortcuts)
+                          shortcuts=shortcuts.for_inference(fast))
 
 
 def text_loader(rows, info, tokenizer, batch_size=None):

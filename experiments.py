@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import data
 import finetune
+import gpt
 
 
 class Row(NamedTuple):
@@ -285,7 +286,7 @@ def parse_args(argv=None):
                    "by default now")
     p.add_argument("--no-shortcuts", action="store_true",
                    help="finetune.py's --no-shortcuts: every step computes the whole model")
-    p.add_argument("--precision", choices=tuple(finetune.PRECISIONS),
+    p.add_argument("--precision", choices=tuple(gpt.PRECISIONS),
                    help="fp32 (finetune's default), bf16 or fp16 (CUDA) autocast")
     p.add_argument("--epochs", type=int, help="passes over the training set for every row "
                    "(default: finetune's, 5, as in the chapter)")

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 import data
 import ddp
 import gpt
+import shortcuts
 from evaluate import calc_accuracy_loader, select_device
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPLIT_TITLES = {"train": "Training", "validation": "Validation", "test": "Test"}
 
 
@@ -696,76 +696,20 @@ def shortcuts_on(cfg):
 
 
 def build_classifier(model, cfg, device, on_full=None, position=None):
-    """Wrap the set-up model with the run's choices, and the exact shortcuts unless they are off:
-    the frozen-trunk cache (`gpt.TrunkCache`) and the last block at the classified position only
-    (`gpt.block_at`). Returns (classifier, note): the note says why the cache is off, or None.
-    `position`: the classified position (default: cfg's, or the chapter's last)."""
-    trunk, note = None, None
+    """Wrap the set-up model with the run's choices, and the exact shortcuts unless they are off
+    (shortcuts.for_training: the frozen-trunk cache, the last block at the classified position).
+    Returns (classifier, note): the note says why the cache is off, or None. `position`: the
+    classified position (default: cfg's, or the chapter's last)."""
+    fast, note = None, None
     if shortcuts_on(cfg):
         max_bytes = None if cfg.trunk_cache_gb is None else int(cfg.trunk_cache_gb * 2**30)
         if max_bytes is None and device.type == "cpu" and ddp.local_world() > 1:
-            max_bytes = gpt.default_cache_bytes() // ddp.local_world()  # processes share the RAM
-        try:
-            if max_bytes == 0:
-                raise ValueError("--trunk-cache-gb 0")
-            trunk = gpt.TrunkCache(model, pad_id=data.PAD_ID, max_bytes=max_bytes,
-                                   on_full=on_full)
-        except ValueError as e:
-            note = f"frozen-trunk cache off: {e}"
+            max_bytes = shortcuts.default_cache_bytes() // ddp.local_world()  # processes share RAM
+        fast, note = shortcuts.for_training(model, max_bytes, on_full, data.PAD_ID)
     classifier = gpt.Classifier(model, position=position or cfg.token_position or "last",
-                                average=cfg.average_embeddings, tail=shortcuts_on(cfg),
-                                trunk=trunk, autocast_dtype=PRECISIONS[cfg.precision])
+                                average=cfg.average_embeddings,
+                                autocast_dtype=gpt.PRECISIONS[cfg.precision], shortcuts=fast)
     return classifier, note
-
-
-# Examples per trunk-cache fill ahead of the loop (the loop's batches are 8). Measured per example
-# on a 2-core AMD EPYC (fp32, bf16): 16 is as quick as 8 or quicker, and 32 is 1.13x slower in
-# fp32, its activations outgrowing the caches (bench/test_levers.py).
-FILL_BATCH = 16
-
-
-def prefill(classifier, loaders, cfg):
-    """Fill the trunk cache, ahead of the loop and in batches of FILL_BATCH, with the examples
-    the loop reads anyway when it runs at least one whole epoch: every training example and the
-    validation examples its evaluations read, when they are padded to one length (the chapter's
-    data). Larger batches run nearer the machine's peak; the numbers are the same up to float
-    rounding. Returns the examples computed."""
-    train_loader = loaders["train"]
-    if classifier.trunk is None or ddp.world() > 1 or cfg.max_steps is not None and \
-            cfg.max_steps < len(train_loader):
-        return 0  # (under torchrun each process reads only its share of each batch)
-    val = loaders["validation"].dataset
-    read = min(len(val), cfg.eval_iter * cfg.batch_size)
-    rows = [train_loader.dataset[i][0] for i in range(len(train_loader.dataset))] + \
-        [val[i][0] for i in range(read)]
-    if len({len(row) for row in rows}) > 1:
-        return 0  # padded per batch: the loop's paddings are not known ahead; it fills lazily
-
-    def bar(chunks):
-        return data.progress(chunks, desc="Frozen-trunk cache", unit="batch")
-    return classifier.prefill(rows, FILL_BATCH, bar)
-
-
-def describe_shortcuts(classifier, optimizer, cfg):
-    """The log's line saying which exact shortcuts the run takes."""
-    if not shortcuts_on(cfg):
-        return f"Shortcuts: off ({'--plain' if cfg.plain else '--no-shortcuts'})"
-    on = []
-    trunk = classifier.trunk
-    if trunk is not None:
-        blocks = f"{trunk.n_blocks} frozen block{'s' * (trunk.n_blocks != 1)}"
-        device = trunk.params[0].device
-        onednn = device.type == "cpu" and trunk.n_blocks and \
-            gpt.onednn_linear(PRECISIONS[cfg.precision] or torch.float32) is not None
-        on.append(f"frozen-trunk cache (embeddings + {blocks}, stored in "
-                  f"{cfg.precision}, up to {trunk.max_bytes / 2**30:.1f} GiB"
-                  f"{'; computed through oneDNN' if onednn else ''})")
-    if not cfg.average_embeddings:
-        on.append("last block at the classified position only")
-    if optimizer.defaults.get("fused"):
-        on.append("fused AdamW")
-    return ("Shortcuts (exact up to float rounding; --no-shortcuts turns them off): "
-            + (", ".join(on) or "none apply"))
 
 
 def build_optimizer(model, cfg, device):
@@ -898,10 +842,11 @@ def run(cfg):
         start_time = time.time()
         torch.manual_seed(cfg.seed)
         optimizer = build_optimizer(model, cfg, device)
-        print(describe_shortcuts(classifier, optimizer, cfg))
+        print(shortcuts.describe(classifier, optimizer, cfg.precision) if shortcuts_on(cfg) else
+              f"Shortcuts: off ({'--plain' if cfg.plain else '--no-shortcuts'})")
         if note:
             print(note)
-        prefill(classifier, loaders, cfg)  # inside the timed phase: it is the loop's work
+        shortcuts.prefill(classifier, loaders, cfg)  # inside the timed phase: it is the loop's work
         classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         weight = weight.to(device) if weight is not None else None
@@ -1074,7 +1019,7 @@ def parse_args(argv=None):
       "whole model, as the chapter does")
     a("--trunk-cache-gb", type=float, metavar="X", help="memory cap of the frozen-trunk cache in "
       "GiB; 0 turns the cache off (default: a quarter of the machine's memory)")
-    a("--precision", default=d.precision, choices=tuple(PRECISIONS),
+    a("--precision", default=d.precision, choices=tuple(gpt.PRECISIONS),
       help="fp32 (default, the chapter's), bf16 autocast (CPU and GPU) or fp16 autocast with "
       "gradient scaling (CUDA)")
     a("--plain", action="store_true", help="the chapter's explicit formulas (attention scores, "

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import data
-import finetune
 import gpt
+import shortcuts
 
 # ----------------------------------------------------------------------------- the chapter's run
 # Sections 6.3 and 6.7: 1,045 training examples in 130 batches of 8 x 120 tokens, 5 epochs;
@@ -39,7 +39,7 @@ CHAPTER_BATCH = 8
 # The trunk cache computes the frozen part once per distinct example that the phase reads: every
 # training example (five shuffles reach all 1,045) and the 40 validation examples evaluated.
 DISTINCT_EXAMPLES = 1045 + EVAL_ITER * CHAPTER_BATCH  # 1,085
-# finetune.py fills the cache ahead of the loop in batches of finetune.FILL_BATCH (16): the fill
+# finetune.py fills the cache ahead of the loop in batches of shortcuts.FILL_BATCH (16): the fill
 # benchmark times one such batch, and the projection counts 1085/16 of them.
 
 # The chapter's timings (5 epochs, GPT-2 small): (words in the device name, trainable, figure).
@@ -129,7 +129,7 @@ def sizes(pytestconfig):
         return Sizes(True, cfg, batch=2, tokens=16, train_examples=6, val_examples=4,
                      fill_batch=4)
     return Sizes(False, gpt.PRESETS["small"][0], batch=CHAPTER_BATCH, tokens=120,
-                 train_examples=1045, val_examples=149, fill_batch=finetune.FILL_BATCH)
+                 train_examples=1045, val_examples=149, fill_batch=shortcuts.FILL_BATCH)
 
 
 @pytest.fixture(scope="session")
@@ -379,9 +379,9 @@ def summary_markdown(results, tiny, wall_s, load_end):
            "- Projection of the training phase (section 6.7): 650 steps + 180 evaluation batches "
            "(13 loss evaluations and 5 accuracies, 5 + 5 batches each); with the trunk cache "
            "(`fast`, last block) also one fill per distinct example read (1,085 = 1,045 train + "
-           f"40 validation), in batches of {finetune.FILL_BATCH} as finetune.py fills ahead of "
+           f"40 validation), in batches of {shortcuts.FILL_BATCH} as finetune.py fills ahead of "
            "the loop (`fill ms/batch` is one such batch), i.e. "
-           f"1085/{finetune.FILL_BATCH} fills; the cached step and evaluation are then timed on "
+           f"1085/{shortcuts.FILL_BATCH} fills; the cached step and evaluation are then timed on "
            "cached examples. `epoch s` is the mean of the five epochs; `epoch 1 s` a measured "
            "whole first epoch (`finetune.train`, cold cache) with its projection.",
            "- `train ex/s`: the 5,200 training examples over the projected phase (evaluations "

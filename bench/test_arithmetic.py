@@ -52,7 +52,7 @@ def test_projection_with_the_trunk_cache_adds_one_fill_per_distinct_example(new_
     row.seconds.update(step=0.04, eval=0.01, fill=2.4)  # a fill: one batch of 32 examples
     row.flops.update(step=1e8, eval=5e7, fill=1.6e11)
     # 1,045 training examples + the 40 validation examples evaluated, filled ahead of the loop
-    # in batches of 32 (finetune.FILL_BATCH): 1,085 / 32 fills
+    # in batches of 32 (shortcuts.FILL_BATCH): 1,085 / 32 fills
     seconds, flops, _ = row.phase()
     assert seconds == pytest.approx(650 * 0.04 + 180 * 0.01 + 1085 / 32 * 2.4)  # 109.175 s
     assert flops == pytest.approx(650 * 1e8 + 180 * 5e7 + 1085 / 32 * 1.6e11)

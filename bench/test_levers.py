@@ -10,17 +10,17 @@ to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens
 
     fill-prep   one trunk-cache fill of 16 examples (fp32, bf16): the frozen blocks as
                 written, under bf16 autocast casting the weights on every call (before), vs
-                `gpt.FrozenBlock`s prepared once per run (weights cast once, Q/K/V in one
+                `shortcuts.FrozenBlock`s prepared once per run (weights cast once, Q/K/V in one
                 product, oneDNN's linear with the GELU and residual adds fused) (after)
     fill-onednn the same fill, FrozenBlocks without oneDNN's linear (F.linear: MKL in fp32)
                 vs with it
     fill-batch  the same fill, per example: batches of 8 (the loop's) and of 32 vs 16
-                (finetune.FILL_BATCH: finetune.py fills the cache ahead of the loop in those)
+                (shortcuts.FILL_BATCH: finetune.py fills the cache ahead of the loop in those)
     tail        a training step on a cached trunk: the last block at the classified position
                 with keys and values at every position (before) vs re-associated
-                (`gpt.block_at`, after); fp32 and bf16
+                (`shortcuts.block_at`, after); fp32 and bf16
     attention   a bf16 training step with every layer trainable: PyTorch's CPU flash attention
-                kernel vs its math backend (`gpt.attention_backend`: on a CPU without AMX)
+                kernel vs its math backend (`shortcuts.attention_backend`: on a CPU without AMX)
     adamw       the optimizer's step over the chapter's trainable set: a loop over tensors
                 (foreach) vs one fused kernel
     inference   evaluate.py classifying 8 texts: the model as written vs its inference
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-import finetune
 import gpt
+import shortcuts
 
 LEVER_ROUNDS = 5  # timed pairs per lever on the CPU, after one warm-up pair
 
@@ -128,23 +128,23 @@ def ids_of(token_data, n, sizes):
 @pytest.mark.parametrize("lever", ["prepared", "onednn"])
 def test_fill_prepared_blocks(benchmark, lever_table, gpt_small, token_data, sizes, precision,
                               lever, pytestconfig):
-    """A fill of one batch of finetune.FILL_BATCH examples. `prepared`: the frozen blocks as
+    """A fill of one batch of shortcuts.FILL_BATCH examples. `prepared`: the frozen blocks as
     written (under bf16 autocast, which casts the fp32 weights on every call) vs `FrozenBlock`s
     (prepared once per run: weights cast once, Q/K/V in one product, oneDNN's fused GELU and
     adds). `onednn`: FrozenBlocks without oneDNN's linear vs with it."""
-    if lever == "onednn" and gpt.onednn_linear(finetune.PRECISIONS[precision] or
-                                               torch.float32) is None:
+    if lever == "onednn" and \
+            shortcuts.onednn_linear(gpt.PRECISIONS[precision] or torch.float32) is None:
         pytest.skip(f"no working oneDNN linear for {precision} in this torch on this CPU")
     x = ids_of(token_data, sizes.fill_batch, sizes)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     before = dict(prepare=False) if lever == "prepared" else dict(onednn=False)
     with torch.no_grad(), amp:  # prepare both once (as a run does, on its first fill)
         for kw in (before, {}):
-            gpt.TrunkCache(gpt_small, **kw).compute(x[:1])
+            shortcuts.TrunkCache(gpt_small, **kw).compute(x[:1])
 
     def fill(**kw):
         def go():
-            trunk = gpt.TrunkCache(gpt_small, **kw)  # a fresh, empty cache
+            trunk = shortcuts.TrunkCache(gpt_small, **kw)  # a fresh, empty cache
             with torch.no_grad(), amp:
                 trunk(x)
         return go
@@ -158,9 +158,9 @@ def test_fill_prepared_blocks(benchmark, lever_table, gpt_small, token_data, siz
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("other", [8, 32])
 def test_fill_batch_size(benchmark, lever_table, gpt_small, token_data, sizes, precision, other):
-    """A fill, per example, in batches of `other` (the loop's 8, or 32) vs finetune.FILL_BATCH
+    """A fill, per example, in batches of `other` (the loop's 8, or 32) vs shortcuts.FILL_BATCH
     (ms per example). The smoke pass scales the three down to the loop's batch, x 1/2/4."""
-    chosen = finetune.FILL_BATCH
+    chosen = shortcuts.FILL_BATCH
     if sizes.tiny:
         chosen, other = 2 * sizes.batch, sizes.batch * other // 8
     big = 2 * max(chosen, other)
@@ -169,7 +169,7 @@ def test_fill_batch_size(benchmark, lever_table, gpt_small, token_data, sizes, p
 
     def fill(batch):
         def go():
-            trunk = gpt.TrunkCache(gpt_small)
+            trunk = shortcuts.TrunkCache(gpt_small)
             with torch.no_grad(), amp:
                 for i in range(0, big, batch):
                     trunk.compute(x[i:i + batch])
@@ -184,9 +184,9 @@ def test_fill_batch_size(benchmark, lever_table, gpt_small, token_data, sizes, p
 def test_tail_reassociated(benchmark, lever_table, gpt_small, token_data, sizes, precision,
                            pytestconfig):
     """A training step on a cached trunk (last block, final norm, head; AdamW), the last block
-    at the classified position with keys and values at every position vs `gpt.block_at`."""
+    at the classified position with keys and values at every position vs `shortcuts.block_at`."""
     model = copy.deepcopy(gpt_small).train()
-    trunk = gpt.TrunkCache(model)
+    trunk = shortcuts.TrunkCache(model)
     x = ids_of(token_data, sizes.batch, sizes)
     y = token_data["train"][1][:sizes.batch]
     with torch.no_grad():
@@ -207,13 +207,14 @@ def test_tail_reassociated(benchmark, lever_table, gpt_small, token_data, sizes,
 
     record(benchmark, lever_table, "step: last block re-associated (cached trunk)", precision,
            sizes, step(lambda h: block(h, query_pos=pos)[:, 0]),
-           step(lambda h: gpt.block_at(block, h, pos)), rounds_of(sizes, pytestconfig))
+           step(lambda h: shortcuts.block_at(block, h, pos)), rounds_of(sizes, pytestconfig))
 
 
 def test_math_attention_training(benchmark, lever_table, gpt_small, token_data, sizes,
                                  monkeypatch, pytestconfig):
     """A bf16 training step with every layer trainable (no trunk to cache): PyTorch's CPU flash
-    attention kernel vs its math backend (`gpt.attention_backend`, taken on a CPU without AMX)."""
+    attention kernel vs its math backend (`shortcuts.attention_backend`, taken on a CPU
+    without AMX)."""
     model = copy.deepcopy(gpt_small)
     gpt.setup_classifier(model, trainable="all")
     model.train()
@@ -223,10 +224,10 @@ def test_math_attention_training(benchmark, lever_table, gpt_small, token_data, 
 
     def step(amx):
         def go():
-            monkeypatch.setattr(gpt, "HAS_AMX", amx)  # True: PyTorch's own choice (flash)
+            monkeypatch.setattr(shortcuts, "HAS_AMX", amx)  # True: PyTorch's own choice (flash)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = gpt.classify_logits(model, x, tail=True)
+                logits = shortcuts.classify_logits(model, x, tail=True)
             F.cross_entropy(logits.float(), y).backward()
             opt.step()
         return go
@@ -243,10 +244,10 @@ def test_inference_shortcuts(benchmark, lever_table, gpt_small, token_data, size
     inference shortcuts (`evaluate.inference_classifier`: the blocks before the last through
     FrozenBlocks, the last at the classified position)."""
     x = ids_of(token_data, sizes.batch, sizes)
-    dtype = finetune.PRECISIONS[precision]
+    dtype = gpt.PRECISIONS[precision]
 
     def classify(shortcuts):
-        classifier = evaluate.inference_classifier(gpt_small, {}, dtype, shortcuts=shortcuts)
+        classifier = evaluate.inference_classifier(gpt_small, {}, dtype, fast=shortcuts)
 
         def go():
             with torch.no_grad():

@@ -13,7 +13,7 @@ GradScaler on CUDA) x variant:
             (`GPTModel(cfg, plain=True)`), fp32, the full forward every step
     exact   finetune.py's default: the same maths through PyTorch's fused kernels
     fast    `finetune.build_classifier` with `--fast`: the frozen trunk's outputs cached per
-            example (`gpt.TrunkCache`) and the last block run at the classified position only
+            example (`shortcuts.TrunkCache`) and the last block run at the classified position only
 
 and, for plain, exact and fast bf16, every layer trainable (no trunk to cache: tail only).
 Per row the tests time an evaluation batch, a trunk fill (fast), a training step and, where fast
@@ -32,6 +32,7 @@ import torch
 import data
 import finetune
 import gpt
+import shortcuts
 
 EPOCH_AUTO_S = 30  # time whole epochs unasked only where the projected one takes this long or less
 
@@ -111,7 +112,7 @@ def peak_tflops(pytestconfig, sizes, results):
     results.context["peak"] = (f"--peak-tflops {given}" if given else
                                "measured: the best of 9 square matmuls, 2048 on CPU and 8192 on "
                                "a GPU (smoke pass: 4 of 256), per device and dtype; on a CPU also "
-                               "through oneDNN's linear (gpt.FrozenBlock's), square and in a "
+                               "through oneDNN's linear (shortcuts.FrozenBlock's), square and in a "
                                "fill's feed-forward shape")
     cache = {}
 
@@ -120,7 +121,7 @@ def peak_tflops(pytestconfig, sizes, results):
             return given
         key = (device.type, precision)
         if key not in cache:
-            dtype = finetune.PRECISIONS.get(precision) or torch.float32
+            dtype = gpt.PRECISIONS.get(precision) or torch.float32
             # The smoke pass too measures a real peak (smaller, fewer): a peak taken from one
             # cold call of a toy matmul would be far too low and give MFUs over 100%.
             n = 256 if sizes.tiny else 2048 if device.type == "cpu" else 8192
@@ -130,7 +131,7 @@ def peak_tflops(pytestconfig, sizes, results):
             # The trunk's fill runs on oneDNN's linear, which on some CPUs (AMD's) is twice as
             # fast as torch.matmul in fp32: the peak is the faster of the two, square and in
             # the shape of a block's feed-forward product (as many rows as a fill's tokens).
-            onednn = gpt.onednn_linear(dtype) if device.type == "cpu" else None
+            onednn = shortcuts.onednn_linear(dtype) if device.type == "cpu" else None
             if onednn is not None:
                 e, rows = sizes.cfg.emb_dim, sizes.fill_batch * sizes.tokens
                 x, w = (torch.randn(shape, generator=gen).to(dtype)
@@ -176,7 +177,7 @@ def _lever_missing(variant, precision):
     if variant == "plain" and "plain" not in inspect.signature(gpt.GPTModel).parameters:
         return "gpt.GPTModel has no plain= switch (the chapter's explicit formulas)"
     if precision not in getattr(finetune, "PRECISIONS", {"fp32": None}):
-        return f"finetune.PRECISIONS offers no {precision}"
+        return f"gpt.PRECISIONS offers no {precision}"
     if variant == "fast":
         if not hasattr(finetune, "build_classifier"):
             return "finetune.build_classifier is missing"
@@ -206,7 +207,7 @@ class Setup:
         self.optimizer = finetune.build_optimizer(self.model, self.cfg, self.device)
         # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.dtype = finetune.PRECISIONS[precision]
+        self.dtype = gpt.PRECISIONS[precision]
 
     def new_classifier(self):
         """The module the loop calls; for `fast` a new one holds a new, empty trunk cache."""
@@ -214,11 +215,12 @@ class Setup:
             classifier, self.note = finetune.build_classifier(self.model, self.cfg, self.device)
             return classifier
         # plain and exact: the chapter's model(x)[:, -1, :], under autocast if asked
-        return gpt.Classifier(self.model, autocast_dtype=finetune.PRECISIONS[self.precision])
+        return gpt.Classifier(self.model, autocast_dtype=gpt.PRECISIONS[self.precision])
 
     @property
     def trunk(self):
-        return getattr(self.classifier, "trunk", None)
+        fast = self.classifier.shortcuts
+        return fast.trunk if fast is not None else None
 
     def autocast(self):
         if self.dtype is None:
@@ -248,8 +250,8 @@ class Setup:
         Forward: 2 per multiply-add of every linear layer (12 E^2 per position of a block) plus
         attention, 4 E Tq T per block (scores and weighted sum, the full T x T as nanoGPT counts
         it). A trained block costs 3 times its forward (the 6N rule). Frozen blocks under the
-        trunk cache cost nothing except in a fill. The tail block (`gpt.block_at`) forms no keys
-        or values: at its one position the query, W_k^T q, the context's W_v, out_proj and the
+        trunk cache cost nothing except in a fill. The tail block (`shortcuts.block_at`) forms no
+        keys or values: at its one position the query, W_k^T q, the context's W_v, out_proj and the
         feed-forward (24 E^2), and over all T the scores and the weighted sum of the normalised
         inputs, one E-long dot product per head each (4 E T H).
         Layer norms, softmax, embeddings and the optimizer are not counted.
@@ -258,7 +260,7 @@ class Setup:
         e, heads = cfg.emb_dim, cfg.n_heads
         cached = self.trunk.n_blocks if self.trunk is not None else 0
         blocks = list(self.model.trf_blocks)
-        tail = getattr(self.classifier, "tail", False)
+        tail = self.classifier.shortcuts is not None and self.classifier.shortcuts.tail
 
         def forward(tq):  # one block, one example: keys and values at all T, the rest at tq
             return 2 * (2 * e * e * T + 10 * e * e * tq) + 4 * e * tq * T
@@ -383,7 +385,7 @@ def test_eval_batch(benchmark, case, setup_row, token_data, sizes, results, pyte
 @pytest.mark.parametrize("case", FAST_CASES)
 def test_trunk_fill(benchmark, case, setup_row, token_data, sizes, results, pytestconfig):
     """The trunk cache computing a batch of new examples, as many as finetune.py fills at once
-    (finetune.FILL_BATCH): a fresh cache (and batch) each round."""
+    (shortcuts.FILL_BATCH): a fresh cache (and batch) each round."""
     s, row = setup_row(case)
     if s.trunk is None:
         pytest.skip(f"no trunk cache for {s.trainable}: {s.note or 'build_classifier made none'}")
@@ -392,7 +394,7 @@ def test_trunk_fill(benchmark, case, setup_row, token_data, sizes, results, pyte
     filled = []
 
     def fill(x, y):
-        trunk = gpt.TrunkCache(s.model)  # cheap: lists the frozen weights
+        trunk = shortcuts.TrunkCache(s.model)  # cheap: lists the frozen weights
         with s.autocast():  # as the Classifier runs it
             out = trunk(x.to(s.device))
         sync(s.device)

@@ -23,6 +23,7 @@ import evaluate
 import experiments
 import finetune
 import gpt
+import shortcuts
 
 pytestmark = pytest.mark.slow
 
@@ -166,12 +167,12 @@ def test_processes_on_one_machine_share_the_trunk_caches_default_memory(monkeypa
     gpt.setup_classifier(model, 2, "last_block")
     cfg = finetune.TrainConfig()
     cpu = torch.device("cpu")
-    alone = finetune.build_classifier(model, cfg, cpu)[0].trunk.max_bytes
-    assert alone == gpt.default_cache_bytes()
+    alone = finetune.build_classifier(model, cfg, cpu)[0].shortcuts.trunk.max_bytes
+    assert alone == shortcuts.default_cache_bytes()
     monkeypatch.setattr(ddp, "local_world", lambda: 4)
-    assert finetune.build_classifier(model, cfg, cpu)[0].trunk.max_bytes == alone // 4
+    assert finetune.build_classifier(model, cfg, cpu)[0].shortcuts.trunk.max_bytes == alone // 4
     cfg.trunk_cache_gb = 1.0
-    assert finetune.build_classifier(model, cfg, cpu)[0].trunk.max_bytes == 2**30
+    assert finetune.build_classifier(model, cfg, cpu)[0].shortcuts.trunk.max_bytes == 2**30
 
 
 @pytest.mark.parametrize("weight", [None, [1.0, 3.0]], ids=["mean", "class-weighted"])

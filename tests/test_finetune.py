@@ -15,6 +15,7 @@ import data
 import evaluate
 import finetune
 import gpt
+import shortcuts
 import reference
 
 pytestmark = pytest.mark.slow
@@ -191,9 +192,9 @@ def test_classify_matches_the_batched_forward(finished_run):
     assert prob == pytest.approx(float(torch.softmax(logits, -1).max()), abs=1e-6)
     # ... through the inference shortcuts: FrozenBlocks before the last block, which runs at
     # the classified position only
-    assert classifier.prepared and classifier.tail
+    assert classifier.shortcuts.prepared and classifier.shortcuts.tail
     assert (len(classifier.gpt.trf_blocks) - 1, torch.float32, True) in \
-        gpt._PREPARED[classifier.gpt]
+        shortcuts._PREPARED[classifier.gpt]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.testing import assert_close
 
 import gpt
+import shortcuts
 
 TINY = gpt.GPTConfig(vocab_size=100, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
 TINY3 = replace(TINY, n_layers=3)
@@ -423,18 +424,18 @@ def test_classify_logits_shortcuts_are_exact(trainable, cached, position, plain)
         if position == "last":
             assert torch.equal(expected, full[:, -1])
         assert_close(gpt.classify_logits(model, x, position, pad_id=PAD), expected, **TOL)
-        assert_close(gpt.classify_logits(model, x, position, pad_id=PAD, tail=True), expected,
+        assert_close(shortcuts.classify_logits(model, x, position, pad_id=PAD, tail=True), expected,
                      **TOL)
-        trunk = gpt.TrunkCache(model)
+        trunk = shortcuts.TrunkCache(model)
         assert trunk.n_blocks == cached
         for tail in (False, True, False):  # the later calls read the cache
-            got = gpt.classify_logits(model, x, position, pad_id=PAD, tail=tail, trunk=trunk)
+            got = shortcuts.classify_logits(model, x, position, pad_id=PAD, tail=tail, trunk=trunk)
             assert_close(got, expected, **TOL)
         assert len(trunk.store) == len(x)
         # a batch mixing cached and new rows
         mixed = torch.cat([x[:2], padded_batch([4, 9], 12, seed=2)])
         full_mixed = model(mixed)
-        assert_close(gpt.classify_logits(model, mixed, position, pad_id=PAD, trunk=trunk),
+        assert_close(shortcuts.classify_logits(model, mixed, position, pad_id=PAD, trunk=trunk),
                      full_mixed[rows, gpt.token_positions(mixed, position, PAD)], **TOL)
         assert len(trunk.store) == len(x) + 2
 
@@ -444,8 +445,8 @@ def test_classify_logits_average():
     x = padded_batch([12, 4], 12)
     with torch.no_grad():
         assert_close(gpt.classify_logits(model, x, average=True), model(x).mean(dim=1), **TOL)
-        trunk = gpt.TrunkCache(model)
-        assert_close(gpt.classify_logits(model, x, average=True, trunk=trunk),
+        trunk = shortcuts.TrunkCache(model)
+        assert_close(shortcuts.classify_logits(model, x, average=True, trunk=trunk),
                      model(x).mean(dim=1), **TOL)
 
 
@@ -455,9 +456,9 @@ def test_trunk_cache_gives_the_same_gradients():
     grads = []
     for use_cache in (False, True):
         model = classifier("last_block")
-        trunk = gpt.TrunkCache(model) if use_cache else None
+        trunk = shortcuts.TrunkCache(model) if use_cache else None
         loss = nn.functional.cross_entropy(
-            gpt.classify_logits(model, x, tail=True, trunk=trunk), y)
+            shortcuts.classify_logits(model, x, tail=True, trunk=trunk), y)
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
@@ -469,10 +470,10 @@ def test_trunk_cache_gives_the_same_gradients():
 def test_trunk_cache_with_lora_caches_only_the_embeddings():
     model = classifier("lora")
     x = padded_batch([12, 6], 12)
-    trunk = gpt.TrunkCache(model)
+    trunk = shortcuts.TrunkCache(model)
     assert trunk.n_blocks == 0
     with torch.no_grad():
-        assert_close(gpt.classify_logits(model, x, trunk=trunk), model(x)[:, -1], **TOL)
+        assert_close(shortcuts.classify_logits(model, x, trunk=trunk), model(x)[:, -1], **TOL)
 
 
 def test_trunk_cache_refusals():
@@ -481,27 +482,27 @@ def test_trunk_cache_refusals():
     torch.manual_seed(123)
     gpt.setup_classifier(dropout, trainable="last_block")
     with pytest.raises(ValueError, match="drop_rate"):
-        gpt.TrunkCache(dropout)
+        shortcuts.TrunkCache(dropout)
     with pytest.raises(ValueError, match="frozen embeddings"):
-        gpt.TrunkCache(classifier("all"))
+        shortcuts.TrunkCache(classifier("all"))
 
 
 def test_trunk_cache_notices_changed_weights():
     x = padded_batch([12, 6], 12)
     model = classifier("last_block")
-    trunk = gpt.TrunkCache(model)
-    gpt.classify_logits(model, x, trunk=trunk)
+    trunk = shortcuts.TrunkCache(model)
+    shortcuts.classify_logits(model, x, trunk=trunk)
     with torch.no_grad():
         model.trf_blocks[0].norm1.scale.add_(1)
     with pytest.raises(RuntimeError, match="stale"):
-        gpt.classify_logits(model, x, trunk=trunk)
+        shortcuts.classify_logits(model, x, trunk=trunk)
 
     model = classifier("last_block")
-    trunk = gpt.TrunkCache(model)
-    gpt.classify_logits(model, x, trunk=trunk)
+    trunk = shortcuts.TrunkCache(model)
+    shortcuts.classify_logits(model, x, trunk=trunk)
     model.tok_emb.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="unfrozen or changed"):
-        gpt.classify_logits(model, x, trunk=trunk)
+        shortcuts.classify_logits(model, x, trunk=trunk)
 
 
 # ----------------------------------------------------------------------------- generation

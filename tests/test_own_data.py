@@ -21,6 +21,7 @@ import data
 import evaluate
 import finetune
 import gpt
+import shortcuts
 
 CPU = torch.device("cpu")
 WORDS = {  # each class its own words, so that a tiny model learns them in a few steps
@@ -258,8 +259,9 @@ def test_per_batch_padding_gives_the_logits_of_padding_to_the_longest():
     widths = [x.shape[1] for x, _ in loaders[1]]
     assert min(widths) < full.max_length  # some batches are shorter ...
     for fast in (False, True):
-        trunk = gpt.TrunkCache(model) if fast else None
-        clf = gpt.Classifier(model, position="flexible", tail=fast, trunk=trunk)
+        trunk = shortcuts.TrunkCache(model) if fast else None
+        clf = gpt.Classifier(model, position="flexible",
+                             shortcuts=shortcuts.Shortcuts(trunk=trunk, tail=fast))
         with torch.no_grad():
             a = torch.cat([clf(x) for x, _ in loaders[0]])
             b = torch.cat([clf(x) for x, _ in loaders[1]])

@@ -1,10 +1,10 @@
 """The speed levers that are on by default: each computes what the chapter's model computes.
 
-- `gpt.block_at`: the last block at the classified position, re-associated (no keys or values),
-  checked in float64 against the whole block, logits and every gradient;
-- `gpt.TrunkCache`: keyed by the text without its trailing padding, capped in memory, stored in
-  the run's precision, its frozen blocks prepared once (`gpt.FrozenBlock`: weights cast once,
-  Q/K/V in one product, oneDNN's fused GELU and residual adds on a CPU);
+- `shortcuts.block_at`: the last block at the classified position, re-associated (no keys or
+  values), checked in float64 against the whole block, logits and every gradient;
+- `shortcuts.TrunkCache`: keyed by the text without its trailing padding, capped in memory,
+  stored in the run's precision, its frozen blocks prepared once (`shortcuts.FrozenBlock`:
+  weights cast once, Q/K/V in one product, oneDNN's fused GELU and residual adds on a CPU);
 - finetune.py: the shortcuts on by default, the log saying which, `--no-shortcuts` and
   `--plain` turning them off, `--trunk-cache-gb`.
 """
@@ -19,6 +19,7 @@ from torch.testing import assert_close
 
 import finetune
 import gpt
+import shortcuts
 
 PAD = 0  # the tiny vocabulary's pad id
 CFG = gpt.GPTConfig(vocab_size=50, context_length=24, emb_dim=32, n_heads=4, n_layers=3)
@@ -94,12 +95,12 @@ def test_block_at_equals_the_whole_block_in_float64(trainable, position, causal,
                if not any(s in n for s in still))
     trunks = [None]
     try:
-        trunks.append(gpt.TrunkCache(model, pad_id=PAD))
+        trunks.append(shortcuts.TrunkCache(model, pad_id=PAD))
     except ValueError:
         assert trainable == "all"
     for trunk in trunks:
         def tail(m, ids):
-            return gpt.classify_logits(m, ids, position, pad_id=PAD, tail=True, trunk=trunk)
+            return shortcuts.classify_logits(m, ids, position, pad_id=PAD, tail=True, trunk=trunk)
         got, got_grads = grads_of(model, tail, x, weights)
         assert_close(got, expected, **F64)
         assert got_grads.keys() == expected_grads.keys()
@@ -115,9 +116,9 @@ def test_block_at_matches_the_block_at_every_position():
         full = block(x)
         for p in range(9):
             pos = torch.full((3,), p)
-            assert_close(gpt.block_at(block, x, pos), full[:, p], **F64)
+            assert_close(shortcuts.block_at(block, x, pos), full[:, p], **F64)
         mixed = torch.tensor([8, 0, 4])
-        assert_close(gpt.block_at(block, x, mixed), full[torch.arange(3), mixed], **F64)
+        assert_close(shortcuts.block_at(block, x, mixed), full[torch.arange(3), mixed], **F64)
 
 
 def test_block_at_forms_no_keys_or_values():
@@ -128,7 +129,7 @@ def test_block_at_forms_no_keys_or_values():
     for name in ("W_key", "W_value"):
         getattr(block.att, name).register_forward_hook(lambda *a, name=name: seen.append(name))
     x = torch.randn(2, 10, CFG.emb_dim)
-    gpt.block_at(block, x, torch.tensor([9, 3]))
+    shortcuts.block_at(block, x, torch.tensor([9, 3]))
     assert seen == []
     block(x)
     assert seen == ["W_key", "W_value"]
@@ -139,7 +140,7 @@ def test_block_at_in_bf16_stays_close():
     x = padded([12, 7, 1, 10], 12)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model(x)[:, -1].float()
-        got = gpt.classify_logits(model, x, pad_id=PAD, tail=True).float()
+        got = shortcuts.classify_logits(model, x, pad_id=PAD, tail=True).float()
     assert_close(got, expected, rtol=0.05, atol=0.05)
 
 
@@ -148,7 +149,7 @@ def test_block_at_with_dropout_in_training_runs_the_block_as_written():
     block = model.trf_blocks[-1]
     x, pos = torch.randn(2, 6, CFG.emb_dim), torch.tensor([5, 2])
     torch.manual_seed(3)
-    got = gpt.block_at(block, x, pos)
+    got = shortcuts.block_at(block, x, pos)
     torch.manual_seed(3)
     assert torch.equal(got, block(x, query_pos=pos)[:, 0])
 
@@ -157,7 +158,7 @@ def test_block_at_with_dropout_in_training_runs_the_block_as_written():
 
 def test_the_cache_keys_a_text_without_its_trailing_padding():
     model = noisy_model(dtype=torch.float32)
-    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD)
     short, long = padded([6, 3], 10), padded([6, 3], 20)
     assert torch.equal(short, long[:, :10])
     with torch.no_grad():
@@ -176,7 +177,7 @@ def test_the_cache_keys_a_text_without_its_trailing_padding():
 
 def test_rows_that_differ_only_in_their_last_tokens_are_different_entries():
     model = noisy_model(dtype=torch.float32)
-    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD)
     base = padded([8], 10)[0]
     rows = [base.clone() for _ in range(4)]
     rows[1][7] = (base[7] % (CFG.vocab_size - 1)) + 1  # the last real token differs
@@ -194,7 +195,7 @@ def test_rows_that_differ_only_in_their_last_tokens_are_different_entries():
 
 def test_without_the_causal_mask_the_whole_padded_row_is_the_key():
     model = noisy_model(replace(CFG, causal=False), dtype=torch.float32)
-    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD)
     short, long = padded([6, 3], 10), padded([6, 3], 20)
     with torch.no_grad():
         a, b = trunk(short), trunk(long)
@@ -207,8 +208,8 @@ def test_a_full_cache_computes_the_rest_and_says_so_once():
     model = noisy_model(dtype=torch.float32)
     per_example = 10 * CFG.emb_dim * 4  # float32
     messages = []
-    trunk = gpt.TrunkCache(model, pad_id=PAD, max_bytes=3 * per_example,
-                           on_full=messages.append)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD, max_bytes=3 * per_example,
+                                 on_full=messages.append)
     x = padded([9, 8, 7, 6, 5], 10)
     with torch.no_grad():
         got = trunk(x)
@@ -222,15 +223,15 @@ def test_a_full_cache_computes_the_rest_and_says_so_once():
 def test_the_default_cap_is_a_quarter_of_the_machine():
     import os
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert gpt.default_cache_bytes() == total // 4
-    assert gpt.TrunkCache(noisy_model(dtype=torch.float32)).max_bytes == total // 4
+    assert shortcuts.default_cache_bytes() == total // 4
+    assert shortcuts.TrunkCache(noisy_model(dtype=torch.float32)).max_bytes == total // 4
 
 
 def test_under_bf16_autocast_the_cache_stores_bf16_and_prepares_the_blocks_once():
     model = noisy_model(dtype=torch.float32)
     x = padded([12, 7, 1, 10], 12)
-    once = gpt.TrunkCache(model, pad_id=PAD)
-    each_call = gpt.TrunkCache(model, pad_id=PAD, prepare=False)
+    once = shortcuts.TrunkCache(model, pad_id=PAD)
+    each_call = shortcuts.TrunkCache(model, pad_id=PAD, prepare=False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = once(x), each_call(x)
         plain = model.embed(x)
@@ -243,14 +244,14 @@ def test_under_bf16_autocast_the_cache_stores_bf16_and_prepares_the_blocks_once(
     assert_close_in_bf16(a, b)
     assert a.dtype == torch.float32
     assert {v.dtype for v in once.store.values()} == {torch.bfloat16}
-    prepared = gpt._PREPARED[model]
+    prepared = shortcuts._PREPARED[model]
     assert list(prepared) == [(once.n_blocks, torch.bfloat16, True)]  # and none for each_call
-    blocks = gpt.prepared_blocks(model, once.n_blocks, torch.bfloat16)
+    blocks = shortcuts.prepared_blocks(model, once.n_blocks, torch.bfloat16)
     assert blocks is prepared[(once.n_blocks, torch.bfloat16, True)][1]
     assert len(blocks) == once.n_blocks and all(
         w.dtype == torch.bfloat16 for fb in blocks for w in (fb.qkv, fb.out, fb.fc, fb.proj))
     # fp32 runs store fp32, through fp32 prepared blocks
-    fp32 = gpt.TrunkCache(model, pad_id=PAD)
+    fp32 = shortcuts.TrunkCache(model, pad_id=PAD)
     with torch.no_grad():
         fp32(x)
     assert {v.dtype for v in fp32.store.values()} == {torch.float32}
@@ -264,33 +265,33 @@ def test_a_frozen_block_computes_what_the_block_computes(causal, qkv_bias, onedn
     model = noisy_model(replace(CFG, causal=causal, qkv_bias=qkv_bias), dtype=torch.float32)
     block = model.trf_blocks[0]
     x = torch.randn(3, 11, CFG.emb_dim)
-    fp32 = gpt.FrozenBlock(block, torch.float32, "cpu", onednn=onednn)
+    fp32 = shortcuts.FrozenBlock(block, torch.float32, "cpu", onednn=onednn)
     with torch.no_grad():
         expected = block(x)
         assert_close(fp32(x), expected, **F32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             expected_bf16 = block(x)
-        got = gpt.FrozenBlock(block, torch.bfloat16, "cpu", onednn=onednn)(x)
+        got = shortcuts.FrozenBlock(block, torch.bfloat16, "cpu", onednn=onednn)(x)
     assert got.dtype == torch.float32  # the residual stream stays in fp32, as under autocast
     assert_close_in_bf16(got, expected_bf16)
     assert (got - expected).abs().max() > 0  # it did round in bf16
 
 
 def test_the_onednn_check_draws_nothing_from_the_seeded_generator(monkeypatch):
-    monkeypatch.setattr(gpt, "_ONEDNN", {})  # not checked yet
+    monkeypatch.setattr(shortcuts, "_ONEDNN", {})  # not checked yet
     state = torch.get_rng_state()
-    first = [gpt.onednn_linear(dtype) for dtype in (torch.float32, torch.bfloat16)]
+    first = [shortcuts.onednn_linear(dtype) for dtype in (torch.float32, torch.bfloat16)]
     assert torch.equal(state, torch.get_rng_state())  # a run's shuffles stay the chapter's
-    monkeypatch.setattr(gpt, "_ONEDNN", {})
-    assert [gpt.onednn_linear(dtype) for dtype in (torch.float32, torch.bfloat16)] == first
+    monkeypatch.setattr(shortcuts, "_ONEDNN", {})
+    assert [shortcuts.onednn_linear(dtype) for dtype in (torch.float32, torch.bfloat16)] == first
 
 
 def test_the_frozen_blocks_use_onednn_where_it_works(monkeypatch):
-    if gpt.onednn_linear(torch.float32) is None:
+    if shortcuts.onednn_linear(torch.float32) is None:
         pytest.skip("this build of torch has no working mkldnn::_linear_pointwise")
     model = noisy_model(dtype=torch.float32)
     calls = []
-    op = gpt.onednn_linear(torch.float32)
+    op = shortcuts.onednn_linear(torch.float32)
 
     class Counting:
         def __call__(self, *args):
@@ -301,24 +302,24 @@ def test_the_frozen_blocks_use_onednn_where_it_works(monkeypatch):
             calls.append("add")
             return op.binary(*args)
 
-    monkeypatch.setitem(gpt._ONEDNN, torch.float32, Counting())
+    monkeypatch.setitem(shortcuts._ONEDNN, torch.float32, Counting())
     x = padded([5, 3], 8)
-    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD)
     with torch.no_grad():
         got = trunk.compute(x)
     # per block: Q/K/V in one product, out_proj + residual, GELU fused, ff's out + residual
     assert calls == ["none", "add", "gelu", "add"] * trunk.n_blocks
     # where the op is missing (another build, another CPU), the same numbers without it
-    monkeypatch.setitem(gpt._ONEDNN, torch.float32, None)
-    gpt._PREPARED.pop(model, None)
+    monkeypatch.setitem(shortcuts._ONEDNN, torch.float32, None)
+    shortcuts._PREPARED.pop(model, None)
     with torch.no_grad():
-        assert_close(gpt.TrunkCache(model, pad_id=PAD).compute(x), got, **F32)
+        assert_close(shortcuts.TrunkCache(model, pad_id=PAD).compute(x), got, **F32)
     assert len(calls) == 4 * trunk.n_blocks
 
 
 def test_a_changed_weight_is_caught_after_the_cast_too():
     model = noisy_model(dtype=torch.float32)
-    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD)
     x = padded([5, 3], 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         trunk(x)
@@ -346,7 +347,7 @@ def test_the_shortcuts_are_on_by_default_and_the_log_says_which(tmp_path, tiny_w
     log = run_log(tmp_path, tiny_weights, raw_path, "default")
     line = shortcut_line(log)
     assert "frozen-trunk cache (embeddings + 1 frozen block, stored in fp32" in line
-    onednn = gpt.onednn_linear(torch.float32) is not None  # this torch on this CPU
+    onednn = shortcuts.onednn_linear(torch.float32) is not None  # this torch on this CPU
     assert ("; computed through oneDNN)" in line) == onednn
     assert "last block at the classified position only" in line and "fused AdamW" in line
     assert "--no-shortcuts" in line and "cache off" not in log and "partial" not in log
@@ -358,7 +359,7 @@ def test_no_shortcuts_and_plain_turn_them_off(tmp_path, tiny_weights, raw_path, 
     assert not finetune.shortcuts_on(cfg)
     model = noisy_model(dtype=torch.float32)
     classifier, note = finetune.build_classifier(model, cfg, torch.device("cpu"))
-    assert classifier.trunk is None and not classifier.tail and note is None
+    assert classifier.shortcuts is None and note is None
     assert finetune.build_optimizer(model, cfg, torch.device("cpu")).defaults["fused"] is None
     assert shortcut_line(run_log(tmp_path, tiny_weights, raw_path, "off", flag)) == \
         f"Shortcuts: off ({flag})"
@@ -407,9 +408,9 @@ def test_the_shortcuts_on_cuda_give_the_exact_logits_and_gradients():
     x = padded([12, 7, 1, 10], 12).cuda()
     weights = torch.randn(len(x), 3, device="cuda")
     expected, expected_grads = grads_of(model, lambda m, ids: m(ids)[:, -1], x, weights)
-    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD)
     got, got_grads = grads_of(
-        model, lambda m, ids: gpt.classify_logits(m, ids, pad_id=PAD, tail=True, trunk=trunk),
+        model, lambda m, ids: shortcuts.classify_logits(m, ids, pad_id=PAD, tail=True, trunk=trunk),
         x, weights)
     assert_close(got, expected, rtol=1e-4, atol=1e-5)
     for name, g in expected_grads.items():
@@ -423,49 +424,53 @@ def test_prepared_inference_computes_what_the_model_computes(position, causal):
     x = padded([12, 7, 1, 10], 12)
     with torch.no_grad():
         expected = gpt.classify_logits(model, x, position, pad_id=PAD)
-        got = gpt.classify_logits(model, x, position, pad_id=PAD, tail=True, prepared=True)
+        got = shortcuts.classify_logits(model, x, position, pad_id=PAD, tail=True, prepared=True)
         assert_close(got, expected, **F32)
-        mean = gpt.classify_logits(model, x, average=True, pad_id=PAD, prepared=True)
+        mean = shortcuts.classify_logits(model, x, average=True, pad_id=PAD, prepared=True)
         assert_close(mean, gpt.classify_logits(model, x, average=True, pad_id=PAD), **F32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = gpt.classify_logits(model, x, position, pad_id=PAD, tail=True, prepared=True)
+            bf16 = shortcuts.classify_logits(model, x, position, pad_id=PAD, tail=True,
+                                             prepared=True)
             expected_bf16 = gpt.classify_logits(model, x, position, pad_id=PAD)
     # logits rounded to bf16 by the head: a unit in the last place apart here and there
     assert_close_in_bf16(bf16, expected_bf16, ulps=2, mean_ulps=1)
-    assert (n := len(model.trf_blocks) - 1, torch.float32, True) in gpt._PREPARED[model], n
+    assert (n := len(model.trf_blocks) - 1, torch.float32, True) in shortcuts._PREPARED[model], n
 
 
 def test_prepared_inference_stands_aside_where_it_would_change_the_answer():
     x = padded([5, 3], 8)
     model = noisy_model(dtype=torch.float32)
     # with gradients on (training) the blocks run as written, and backpropagate
-    logits = gpt.classify_logits(model, x, pad_id=PAD, prepared=True)
-    assert logits.grad_fn is not None and model not in gpt._PREPARED
+    logits = shortcuts.classify_logits(model, x, pad_id=PAD, prepared=True)
+    assert logits.grad_fn is not None and model not in shortcuts._PREPARED
     assert torch.equal(logits, gpt.classify_logits(model, x, pad_id=PAD))
-    assert gpt.preparable(model)
+    assert shortcuts.preparable(model)
     # the chapter's plain formulas, LoRA-wrapped layers, dropout at work: as written
     for other in (noisy_model(dtype=torch.float32, plain=True),
                   noisy_model(dtype=torch.float32, trainable="lora"),
                   noisy_model(replace(CFG, drop_rate=0.5), dtype=torch.float32).train()):
-        assert not gpt.preparable(other)
+        assert not shortcuts.preparable(other)
         with torch.no_grad():
             torch.manual_seed(0)
-            got = gpt.classify_logits(other, x, pad_id=PAD, prepared=True)
+            got = shortcuts.classify_logits(other, x, pad_id=PAD, prepared=True)
             torch.manual_seed(0)
             assert torch.equal(got, gpt.classify_logits(other, x, pad_id=PAD))
-        assert other not in gpt._PREPARED
+        assert other not in shortcuts._PREPARED
 
 
 def test_bf16_training_on_a_cpu_without_amx_takes_the_math_attention(monkeypatch):
-    q = torch.randn(2, 4, 6, 8).bfloat16().requires_grad_()
-    monkeypatch.setattr(gpt, "HAS_AMX", False)
-    assert isinstance(gpt.attention_backend(q), type(gpt.sdpa_kernel(gpt.SDPBackend.MATH)))
-    for other in (q.detach(), q.float().detach().requires_grad_()):  # no gradient; fp32
-        assert isinstance(gpt.attention_backend(other), type(nullcontext()))
-    with torch.no_grad():
-        assert isinstance(gpt.attention_backend(q), type(nullcontext()))
-    monkeypatch.setattr(gpt, "HAS_AMX", True)
-    assert isinstance(gpt.attention_backend(q), type(nullcontext()))
+    math = type(shortcuts.sdpa_kernel(shortcuts.SDPBackend.MATH))
+    monkeypatch.setattr(shortcuts, "HAS_AMX", False)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert isinstance(shortcuts.attention_backend("cpu"), math)
+            assert isinstance(shortcuts.attention_backend("cuda"), type(nullcontext()))
+            with torch.no_grad():  # no gradient
+                assert isinstance(shortcuts.attention_backend("cpu"), type(nullcontext()))
+    assert isinstance(shortcuts.attention_backend("cpu"), type(nullcontext()))  # fp32
+    monkeypatch.setattr(shortcuts, "HAS_AMX", True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert isinstance(shortcuts.attention_backend("cpu"), type(nullcontext()))
 
 
 def test_the_math_attention_trains_as_the_flash_kernel_does(monkeypatch):
@@ -473,10 +478,14 @@ def test_the_math_attention_trains_as_the_flash_kernel_does(monkeypatch):
     weights = torch.randn(4, 3)
     results = {}
     for amx in (True, False):  # True: PyTorch's choice (flash); False: the math backend
-        monkeypatch.setattr(gpt, "HAS_AMX", amx)
+        monkeypatch.setattr(shortcuts, "HAS_AMX", amx)
         model = noisy_model(trainable="all", dtype=torch.float32).train()
+
+        def logits(m, ids):
+            with shortcuts.attention_backend(ids.device.type):
+                return m(ids)[:, -1].float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            results[amx] = grads_of(model, lambda m, ids: m(ids)[:, -1].float(), x, weights)
+            results[amx] = grads_of(model, logits, x, weights)
     (flash, flash_grads), (math_, math_grads) = results[True], results[False]
     assert_close_in_bf16(math_, flash, ulps=4, mean_ulps=1)  # three layers of bf16 apart
     for name, g in flash_grads.items():
@@ -488,16 +497,16 @@ def test_the_math_attention_trains_as_the_flash_kernel_does(monkeypatch):
 def test_the_prepared_blocks_are_shared_by_later_caches_and_redone_when_weights_change():
     model = noisy_model(dtype=torch.float32)
     x = padded([5, 3], 8)
-    first, second = gpt.TrunkCache(model, pad_id=PAD), gpt.TrunkCache(model, pad_id=PAD)
+    first, second = shortcuts.TrunkCache(model, pad_id=PAD), shortcuts.TrunkCache(model, pad_id=PAD)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         before = first(x)
         second(x)
-        blocks = gpt.prepared_blocks(model, first.n_blocks, torch.bfloat16)
-        assert gpt.prepared_blocks(model, second.n_blocks, torch.bfloat16) is blocks
+        blocks = shortcuts.prepared_blocks(model, first.n_blocks, torch.bfloat16)
+        assert shortcuts.prepared_blocks(model, second.n_blocks, torch.bfloat16) is blocks
         model.trf_blocks[0].ff.layers[0].weight.mul_(2.0)  # as loading other weights would
-        third = gpt.TrunkCache(model, pad_id=PAD)
+        third = shortcuts.TrunkCache(model, pad_id=PAD)
         got = third(x)
-        assert gpt.prepared_blocks(model, third.n_blocks, torch.bfloat16) is not blocks
+        assert shortcuts.prepared_blocks(model, third.n_blocks, torch.bfloat16) is not blocks
         expected = model.embed(x)
         for block in model.trf_blocks[:third.n_blocks]:
             expected = block(expected)
@@ -507,7 +516,7 @@ def test_the_prepared_blocks_are_shared_by_later_caches_and_redone_when_weights_
 
 def test_fill_ahead_stores_each_new_text_once_and_the_loop_then_only_reads():
     model = noisy_model(dtype=torch.float32)
-    trunk = gpt.TrunkCache(model, pad_id=PAD)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD)
     x = padded([9, 4, 6, 9], 12)
     x[3] = x[0]  # the same text twice
     rows = [x[0], x[1][:4], x[2][:8], x[3]]  # any lengths: unpadded, padded a little
@@ -523,22 +532,22 @@ def test_fill_ahead_stores_each_new_text_once_and_the_loop_then_only_reads():
 
 def test_fill_ahead_stops_at_the_cap_and_skips_without_the_causal_mask():
     model = noisy_model(dtype=torch.float32)
-    trunk = gpt.TrunkCache(model, pad_id=PAD, max_bytes=2 * 8 * CFG.emb_dim * 4)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD, max_bytes=2 * 8 * CFG.emb_dim * 4)
     assert trunk.fill(list(padded([8, 7, 6, 5, 4, 3], 8)), batch_size=2) == 4
     assert len(trunk.store) == 2 and trunk.partial
     open_model = noisy_model(replace(CFG, causal=False), dtype=torch.float32)
-    assert gpt.TrunkCache(open_model, pad_id=PAD).fill(list(padded([8, 7], 8))) == 0
+    assert shortcuts.TrunkCache(open_model, pad_id=PAD).fill(list(padded([8, 7], 8))) == 0
 
 
 def test_the_run_fills_ahead_only_when_it_reads_a_whole_epoch(tmp_path, tiny_weights, raw_path,
                                                               monkeypatch):
     filled = []
-    original = gpt.Classifier.prefill
+    original = shortcuts.TrunkCache.fill
 
     def counting(self, rows, *a, **k):
         filled.append(original(self, rows, *a, **k))
         return filled[-1]
-    monkeypatch.setattr(gpt.Classifier, "prefill", counting)
+    monkeypatch.setattr(shortcuts.TrunkCache, "fill", counting)
     run_log(tmp_path, tiny_weights, raw_path, "short")  # --max-steps 3
     assert filled == []
     finetune.main(["--weights", str(tiny_weights), "--data", str(raw_path), "--output-dir",
