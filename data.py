@@ -1,6 +1,8 @@
-"""The SMS spam data of chapter 6: download, parse, balance, split, tokenize, batch.
+"""The data: chapter 6's SMS spam data (download, parse, balance, split) and users' own
+labelled files (.csv, .tsv, .jsonl: columns, labels, a stratified split), then the tokenizer,
+the datasets and the loaders that both share.
 
-Every step reproduces the chapter exactly, so the three CSV files this writes are byte-identical
+The chapter's path reproduces it exactly, so the three CSV files this writes are byte-identical
 to the chapter's and the loaders yield the chapter's batches:
 
     python data.py --output-dir splits              # download (once, then cached) and split
@@ -11,21 +13,13 @@ Nothing here needs pandas: Python's csv module reads the raw file the way the ch
 """
 
 import argparse
-import contextlib
 import csv
-import errno
 import functools
 import hashlib
-import http.client
 import io
 import json
-import os
 import re
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -36,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-import ddp
+import files
+from files import DataError  # raised by data.py and files.py alike
 
 # The UCI archive first, then the chapter's backup copy of the same zip.
 URLS = (
@@ -56,181 +51,10 @@ TRAIN_FRAC, VAL_FRAC = 0.7, 0.1
 SPLITS = ("train", "validation", "test")
 
 
-class DataError(Exception):
-    """A file or download that is not what we need; the message says what to do."""
+# ----------------------------------------------------------------------------------- writing files
 
 
-def cache_dir():
-    """Per-user cache folder: $XDG_CACHE_HOME/gpt2-classify, else ~/.cache/gpt2-classify."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "gpt2-classify"
-
-
-# ----------------------------------------------------------------------------- writing files
-
-def existing_parent(path):
-    """`path` itself if it exists, else the nearest folder above it that does."""
-    path = Path(path)
-    while not os.path.lexists(path) and path != path.parent:
-        path = path.parent
-    return path
-
-
-def describe_os_error(e, path=None):
-    """An OSError in words for an error line: the path and what went wrong there."""
-    reasons = {errno.EROFS: "the filesystem is read-only", errno.ENOSPC: "the disk is full",
-               errno.EDQUOT: "the disk quota is used up", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied", errno.ENOTDIR: "part of the path is a file"}
-    where = path or e.filename
-    reason = reasons.get(e.errno, e.strerror or str(e))
-    return f"{where}: {reason}" if where else reason
-
-
-def check_writable(folder, what, fix):
-    """Raise DataError unless files can be made in `folder`, which need not exist yet.
-
-    A probe file of one block is written and removed in the nearest folder of the path that
-    exists, so nothing is left behind, and a path under a file, in /proc or /sys, on a
-    read-only filesystem or a full disk is found before any long work starts. `what` names the
-    folder for the user (`--output-dir`, `the download cache`), `fix` says what to do instead.
-    """
-    folder = Path(folder)
-    there = existing_parent(folder)
-    if not there.is_dir():
-        raise DataError(f"{what} {folder} cannot be made: {there} is a file, not a folder; {fix}")
-    try:
-        fd, probe = tempfile.mkstemp(dir=there, prefix=".write-probe-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(bytes(4096))
-        finally:
-            os.remove(probe)
-    except OSError as e:
-        reason = f"{there}: no files can be made there" if e.errno == errno.ENOENT else \
-            describe_os_error(e, there)  # ENOENT: /proc, say
-        raise DataError(f"{what} {folder} cannot be written ({reason}); {fix}") from e
-
-
-# ----------------------------------------------------------------------------- download
-
-class _NoBar:
-    def __init__(self, iterable=None):
-        self.iterable = iterable
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress(iterable=None, desc=None, total=None, unit="it", **kw):
-    """A progress bar on stderr, shown only when stderr is a terminal (tqdm is optional), and
-    under torchrun by rank 0 alone."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar(iterable)
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False,
-                disable=None if ddp.is_main() else True, file=sys.stderr, **kw)
-
-
-def _progress(total, desc):
-    """A byte-count progress bar for a download."""
-    return progress(total=total, desc=desc, unit="B", unit_scale=True)
-
-
-@contextlib.contextmanager
-def bars_paused():
-    """Clear the progress bars while a line is printed, then draw them again: the printed
-    lines stay whole in a terminal instead of landing on the end of a bar's line."""
-    tqdm = sys.modules.get("tqdm")
-    if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):
-        yield
-        return
-    with tqdm.tqdm.external_write_mode(file=sys.stderr):
-        yield
-
-
-class Ticking:
-    """A loader that moves a progress bar one step per batch it hands out. Iterating it
-    iterates the loader itself, so a shuffling loader draws from torch's RNG exactly as before."""
-
-    def __init__(self, loader, bar):
-        self.loader, self.bar = loader, bar
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield batch
-            self.bar.update(1)
-
-
-def download_file(urls, dest, *, check=None, timeout=30.0, retries=3, backoff=1.0):
-    """Download the first of `urls` that works to `dest`, atomically.
-
-    Bytes go to a temporary file beside `dest` that is renamed only once it is complete and
-    `check(tmp_path)` (which raises DataError for bad content) accepts it, so an interrupted or
-    failed download never leaves a file that looks finished. Each URL gets `retries` tries for
-    network trouble; a wrong answer (HTTP 4xx, bad content) moves straight to the next URL.
-    Raises DataError naming every URL tried and why it failed.
-    """
-    dest = Path(dest)
-    check_writable(dest.parent, "the download folder", "set XDG_CACHE_HOME to a folder that can "
-                   "be written")  # before any time is spent downloading
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for url in urls:
-        tried, error = 0, ""
-        for attempt in range(retries):
-            tried += 1
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
-                    total = int(r.headers.get("Content-Length") or 0) or None
-                    got = 0
-                    with _progress(total, dest.name) as bar:
-                        while chunk := r.read(1 << 16):
-                            out.write(chunk)
-                            got += len(chunk)
-                            bar.update(len(chunk))
-                if total is not None and got != total:  # cut off on the way: worth a retry
-                    raise ConnectionError(f"got {got} of {total} bytes before the connection "
-                                          "closed")
-                if check is not None:
-                    check(tmp)
-                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
-                os.replace(tmp, dest)
-                return dest
-            except DataError as e:  # the server answered, with the wrong thing
-                error = str(e)
-                break
-            except (OSError, http.client.HTTPException, ValueError) as e:  # HTTPError included
-                if isinstance(e, urllib.error.HTTPError):
-                    error = f"HTTP {e.code} {e.reason}"
-                    if 400 <= e.code < 500:  # no such file there: asking again will not help
-                        break
-                else:
-                    error = str(getattr(e, "reason", None) or e or repr(e))
-                if attempt + 1 < retries:
-                    time.sleep(backoff * 2**attempt)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-        # each URL once, with its last error
-        errors.append(f"{url} ({error}{f'; {tried} tries' if tried > 1 else ''})")
-    raise DataError("download failed; tried " + ", ".join(errors))
+# ---------------------------------------------------------------------------------------- download
 
 
 def read_raw_bytes(path):
@@ -322,7 +146,7 @@ def _ends_inside_quotes(text):
 
 def fetch(cache=None, urls=URLS, **download_kw):
     """Path of the raw `SMSSpamCollection`, downloading and extracting it into the cache once."""
-    cache = Path(cache) if cache is not None else cache_dir()
+    cache = Path(cache) if cache is not None else files.cache_dir()
     raw = cache / RAW_NAME
     if raw.is_file():
         return raw
@@ -334,12 +158,12 @@ def fetch(cache=None, urls=URLS, **download_kw):
         parse(read_raw_text(tmp), source="the downloaded zip")
 
     try:
-        download_file(urls, zip_path, check=check, **download_kw)
+        files.download_file(urls, zip_path, check=check, **download_kw)
     except DataError as e:
         raise DataError(f"could not download the SMS Spam Collection: {e}. Fetch it some other "
                         f"way and pass --data PATH (the {RAW_NAME} file or its zip)") from e
     text = read_raw_text(zip_path)
-    write_atomic(raw, text.encode("utf-8"))
+    files.write_atomic(raw, text.encode("utf-8"))
     zip_path.unlink()
     return raw
 
@@ -369,7 +193,7 @@ def unpublished_warning(rows, source):
             "the chapter's numbers will not be reproduced")
 
 
-# ----------------------------------------------------------------------------- balance, split
+# ---------------------------------------------------------------------------------- balance, split
 
 def balance(rows, rng):
     """All spam rows, and as many ham rows drawn by `rng.permutation` (the chapter's draw).
@@ -397,41 +221,13 @@ def make_splits(rows, seed=SEED):
     return split(balance(rows, np.random.RandomState(seed)), np.random.RandomState(seed))
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path, data):
-    """Write bytes to `path` through a temporary file, so it is either absent or complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
-        os.replace(tmp, path)
-    except OSError as e:  # a failed write() names no file: name the one that was not written
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    """`obj` as indented JSON, written atomically."""
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
-
-
 def write_csv(rows, path):
     """`Label,Text` with minimal quoting and \\n line ends: byte-identical to the chapter's CSVs."""
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["Label", "Text"])
     writer.writerows(rows)
-    write_atomic(path, buf.getvalue().encode("utf-8"))
+    files.write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 def read_csv(path):
@@ -446,7 +242,7 @@ def read_csv(path):
             raise DataError(f"{path} has a row that is not 'label,text' ({e})") from e
 
 
-# ----------------------------------------------------------------------------- own files
+# --------------------------------------------------------------------------------------- own files
 
 FORMATS = ("csv", "tsv", "jsonl")
 VAL_FRAC_OWN, TEST_FRAC_OWN = 0.1, 0.2  # the chapter's 70/10/20, for a lone --train-file
@@ -739,7 +535,7 @@ def load_labelled(cfg):
                      get("labels"), get("val_frac"), get("test_frac"))
 
 
-# ----------------------------------------------------------------------------- tokens
+# ------------------------------------------------------------------------------------------ tokens
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
@@ -880,7 +676,7 @@ def create_loaders(datasets, batch_size=8, num_workers=0, pin_memory=False,
     return loaders
 
 
-# ----------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------------------- CLI
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Download the SMS Spam Collection and write the "

@@ -1,11 +1,13 @@
-"""More than one process: torchrun and DistributedDataParallel, as a thin layer over PyTorch.
+"""Devices and processes: where a run computes (`select_device`) and, under torchrun, more
+than one process with DistributedDataParallel, as a thin layer over PyTorch.
 
     torchrun --nproc_per_node 4 finetune.py --device cuda ...
 
 Every process runs finetune.py whole, on the same data in the same seeded order. Each takes its
 share of every global batch (`share`), DistributedDataParallel averages the gradients, and the
-evaluations add up their sums and counts over the processes (`sum_over_ranks`), so the run takes
-the steps a single process takes. Rank 0 alone prints and writes the run folder.
+evaluations add up their sums and counts over the processes (`sum_over_ranks`,
+`eval_loss_over_ranks`; `training_loss_batch` scales a class-weighted loss's share), so the run
+takes the steps a single process takes. Rank 0 alone prints and writes the run folder.
 
 Without torchrun (no WORLD_SIZE above 1 in the environment) every function here is a no-op:
 world 1, rank 0, the whole batch.
@@ -17,6 +19,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 # How long a process waits for the others in a collective before giving up. A process that
@@ -43,6 +46,19 @@ def local_world():
 def is_main():
     """True on the process that prints and writes (rank 0)."""
     return rank() == 0
+
+
+def select_device(name="auto"):
+    """auto: cuda, then mps (only torch >= 2.9: older MPS gave wrong numbers), then cpu."""
+    mps_ok = torch.backends.mps.is_available() and \
+        tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available here; use --device cpu (or auto)")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("MPS is not available here; use --device cpu (or auto)")
+    return torch.device(name)
 
 
 def init():
@@ -138,3 +154,39 @@ def first_to_fail():
         return dist.distributed_c10d._get_default_store().add("failed processes", 1) == 1
     except Exception:  # the store has gone: torchrun is already ending the run
         return False
+
+
+# ----------------------------------------------------------------------- the losses over processes
+
+def eval_loss_over_ranks(input_batch, target_batch, model, device, ignore_index=-100,
+                         weight=None):
+    """Under torchrun: the mean loss of a whole batch of which each process holds a share
+    (the sums of the example losses and their counts, added up over the processes; with class
+    weights, the weighted sums and the weights)."""
+    input_batch, target_batch = share(input_batch), share(target_batch).to(device)
+    loss_sum = 0.0
+    if len(target_batch):  # the last batch of an evaluation may leave a process none
+        logits = model(input_batch.to(device))
+        loss_sum = F.cross_entropy(logits, target_batch, ignore_index=ignore_index,
+                                   weight=weight, reduction="sum").item()
+    kept = target_batch[target_batch != ignore_index]
+    count = len(kept) if weight is None else weight[kept].sum()
+    loss_sum, count = sum_over_ranks(loss_sum, count)
+    return loss_sum / count if count else float("nan")
+
+
+def training_loss_batch(calc_loss_batch, input_batch, target_batch, model, device,
+                        ignore_index=-100, weight=None):
+    """The loss a training step backpropagates: the batch's mean loss. Under torchrun, this
+    process's share of it, scaled so that DDP's average over the processes' gradients is the
+    whole batch's: the mean of its share, or with class weights its weighted sum over the whole
+    batch's sum of weights (added up over the processes) times their number. Without torchrun,
+    or without class weights, that is `calc_loss_batch` (finetune's) of its share."""
+    input_batch, target_batch = share(input_batch), share(target_batch)
+    if world() == 1 or weight is None:
+        return calc_loss_batch(input_batch, target_batch, model, device, ignore_index, weight)
+    target_batch = target_batch.to(device)
+    loss_sum = F.cross_entropy(model(input_batch.to(device)), target_batch, weight=weight,
+                               ignore_index=ignore_index, reduction="sum")
+    (weights,) = sum_over_ranks(weight[target_batch[target_batch != ignore_index]].sum())
+    return loss_sum * world() / weights

@@ -1,8 +1,12 @@
-"""Use a fine-tuned run: accuracy on every split, or classify new text.
+"""Use a fine-tuned run: its scores (accuracy, F1, per-class precision and recall, the
+confusion matrix) on its splits or on a labelled file, predictions for a file, the class of new
+texts (`classify_review`, the chapter's section 6.8), and serving it over HTTP.
 
     python evaluate.py --run runs/20261127-101500 --all-splits
     python evaluate.py --run DIR --text "You are a winner you have been specially selected..."
+    python evaluate.py --run DIR --predict new.csv --output predictions.csv
     cat messages.txt | python evaluate.py --run DIR --stdin
+    python evaluate.py --run DIR --serve
 
 A run trained on a GPU evaluates on a CPU (or anywhere else) with the same numbers.
 """
@@ -23,44 +27,9 @@ import torch
 
 import data
 import ddp
+import files
 import gpt
 import shortcuts
-
-
-def select_device(name="auto"):
-    """auto: cuda, then mps (only torch >= 2.9: older MPS gave wrong numbers), then cpu."""
-    mps_ok = torch.backends.mps.is_available() and \
-        tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    elif name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("CUDA is not available here; use --device cpu (or auto)")
-    elif name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("MPS is not available here; use --device cpu (or auto)")
-    return torch.device(name)
-
-
-def calc_accuracy_loader(data_loader, model, device, num_batches=None):
-    """Share of examples whose argmax class is the label, over the first `num_batches` batches
-    (the whole loader by default). `model` maps token ids (B, T) to class logits (B, C).
-    Under torchrun each process classifies its share of each batch and the counts are added up."""
-    model.eval()
-    correct_predictions, num_examples = 0, 0
-    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i >= num_batches:
-            break
-        input_batch, target_batch = ddp.share(input_batch), ddp.share(target_batch)
-        if len(target_batch) == 0:  # under torchrun: a short last batch left this process none
-            continue
-        input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-        with torch.no_grad():
-            predicted_labels = torch.argmax(model(input_batch), dim=-1)
-        num_examples += predicted_labels.shape[0]
-        correct_predictions += (predicted_labels == target_batch).sum().item()
-    if ddp.world() > 1:
-        correct_predictions, num_examples = ddp.sum_over_ranks(correct_predictions, num_examples)
-    return correct_predictions / num_examples if num_examples else float("nan")
 
 
 def predictions(data_loader, model, device):
@@ -102,13 +71,6 @@ def class_scores(labels, predicted, class_names):
         "per_class": per_class, "confusion": confusion}
 
 
-class RunError(Exception):
-    """A run folder that cannot be used; the message says why and what to do."""
-
-
-# What run.json must hold (finetune.py writes them all; "data" is optional: older runs lack it).
-RUN_KEYS = ("model", "num_classes", "class_names", "max_length", "pad_id", "padding",
-            "token_position", "average_embeddings", "batch_size", "final_train_dropped")
 ECHO_CHARS = 60  # how much of a text that was cut is echoed back
 
 
@@ -119,42 +81,19 @@ def load_run(run_dir, device):
     (trained.safetensors), which is laid over the base weights that run.json names, after
     checking by sha256 that they are the very ones the run started from."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        hint = ""
-        if (run_dir.with_name(run_dir.name + ".unfinished") / "run.json").is_file():
-            hint = (f"; {run_dir}.unfinished holds a finished run that a crash kept from being "
-                    f"moved there: rename it to {run_dir}")
-        raise RunError(f"--run {run_dir} is not a folder; pass a run folder made by "
-                       f"finetune.py{hint}")
-    if not (run_dir / "run.json").is_file():
-        raise RunError(f"{run_dir} is not a finished run (no run.json): its training did not "
-                       "finish; run finetune.py again or pass another --run")
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except ValueError as e:
-        raise RunError(f"{run_dir / 'run.json'} is damaged ({e}); train the run again") from e
-    missing = [k for k in RUN_KEYS if k not in info] if isinstance(info, dict) else ["model"]
-    if not missing and isinstance(info["model"], dict):
-        missing = [f"model.{f.name}" for f in dataclasses.fields(gpt.GPTConfig)
-                   if f.name not in info["model"]]
-    if not missing and isinstance(info.get("data"), dict):
-        missing = [f"data.{k}" for k in ("path", "sha256") if k not in info["data"]]
-    if missing:
-        raise RunError(f"{run_dir / 'run.json'} has no {', '.join(map(repr, missing))} "
-                       "(edited by hand?); put it back as finetune.py wrote it, or train the "
-                       "run again")
+    info = files.read_run_info(run_dir, [f.name for f in dataclasses.fields(gpt.GPTConfig)])
     try:
         model = gpt.GPTModel(gpt.config_from_dict(info["model"]))
     except (ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{run_dir / 'run.json'} is damaged ({e}); train the run again") from e
+        raise files.RunError(f"{run_dir / 'run.json'} is damaged ({e}); train the run again") from e
     base = info.get("base")
     if base:
         try:
             gpt.load_base(model, base)
         except gpt.WeightsError as e:
-            raise RunError(f"{run_dir} keeps only what training changed (trained.safetensors), "
-                           f"but {e}; or train the run again, with --self-contained to keep "
-                           "the whole model") from e
+            raise files.RunError(f"{run_dir} keeps only what training changed "
+                                 f"(trained.safetensors), but {e}; or train the run again, "
+                                 "with --self-contained to keep the whole model") from e
         flags = info["flags"]
         with torch.random.fork_rng(devices=[]):  # the head's (and LoRA's) draws are overwritten
             gpt.setup_classifier(model, info["num_classes"], flags["trainable_layers"],
@@ -168,14 +107,14 @@ def load_run(run_dir, device):
     try:
         state = gpt.read_tensors(weights, fix="train the run again")
     except gpt.WeightsError as e:
-        raise RunError(str(e)) from e
+        raise files.RunError(str(e)) from e
     own = model.state_dict()
     missing, unexpected = expected - state.keys(), state.keys() - expected
     wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
-        raise RunError(f"the weights in {run_dir} do not fit its run.json: missing "
-                       f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, wrong "
-                       f"shape {sorted(wrong)[:3]}")
+        raise files.RunError(f"the weights in {run_dir} do not fit its run.json: missing "
+                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
+                             f"wrong shape {sorted(wrong)[:3]}")
     model.load_state_dict(state, strict=not base)
     gpt.merge_lora(model)  # a no-op unless LoRA layers were put back over a base
     model.to(device).eval()
@@ -237,6 +176,12 @@ def classify(text, classifier, tokenizer, info, device):
     return top_k(probs)[0]
 
 
+def classify_review(text, classifier, tokenizer, device, info):
+    """The chapter's `classify_review` (section 6.8): the class name of one text ("spam" or
+    "not spam" for the chapter's run), encoded, cut and padded as the run was trained."""
+    return classify(text, classifier, tokenizer, info, device)[0]
+
+
 def scores_of(rows, classifier, info, device, tokenizer):
     """class_scores of the classifier over (label id, text) rows."""
     labels, predicted = predictions(text_loader(rows, info, tokenizer), classifier, device)
@@ -267,8 +212,9 @@ def run_data(info, data_path=None):
                   file=sys.stderr)
     labelled = data.load_labelled(flags)
     if labelled.class_names != info["class_names"]:
-        raise RunError(f"the run's data now has the classes {labelled.class_names}, the run "
-                       f"was trained on {info['class_names']}; the files changed since")
+        raise files.RunError(f"the run's data now has the classes {labelled.class_names}, the "
+                             f"run was trained on {info['class_names']}; the files changed "
+                             "since")
     return labelled
 
 
@@ -306,9 +252,9 @@ def evaluate_splits(classifier, info, device, data_path=None):
         loaders[name] = text_loader(rows, info, tokenizer)
     results = {}
     total = sum(len(loader) for loader in loaders.values())
-    with data.progress(total=total, desc="Evaluating every split", unit="batch") as bar:
+    with files.progress(total=total, desc="Evaluating every split", unit="batch") as bar:
         for name, loader in loaders.items():
-            labels, predicted = predictions(data.Ticking(loader, bar), classifier, device)
+            labels, predicted = predictions(files.Ticking(loader, bar), classifier, device)
             results[name] = class_scores(labels, predicted, info["class_names"])
     return results
 
@@ -424,20 +370,11 @@ def write_predictions(path, out_path, classifier, info, device, args):
         writer.writerow([records[0].where, "predicted", *names])
         for r, p in zip(records, probs):
             writer.writerow([r.row, top_k(p)[0][0], *(f"{p[n]:.6f}" for n in names)])
-    data.write_atomic(out_path, buf.getvalue().encode("utf-8"))
+    files.write_atomic(out_path, buf.getvalue().encode("utf-8"))
     return len(records)
 
 
-def latest_run(root="runs"):
-    """The most recently finished run folder under `root` (by its run.json's time)."""
-    finished = sorted(Path(root).glob("*/run.json"), key=lambda p: (p.stat().st_mtime, str(p)))
-    if not finished:
-        raise RunError(f"no finished run under {root}/; train one with python finetune.py, or "
-                       "pass --run DIR")
-    return finished[-1].parent
-
-
-# ----------------------------------------------------------------------------- serving a run
+# ----------------------------------------------------------------------------------- serving a run
 # `--serve`: a page to try the run by hand and a JSON API for programs, on the standard
 # library's threaded HTTP server. One request classifies up to MAX_TEXTS texts; its body may be
 # up to MAX_BODY bytes. The model runs under inference_mode, one request at a time (a lock).
@@ -719,9 +656,9 @@ def main(argv=None):
             raise ValueError("--json writes the scores of --all-splits or --file; ask for one")
         texts = list(args.text) + (read_stdin() if args.stdin else [])
         if args.run is None:
-            args.run = latest_run()
+            args.run = files.latest_run()
             print(f"Using the most recent finished run: {args.run}", file=sys.stderr)
-        device = select_device(args.device)
+        device = ddp.select_device(args.device)
         classifier, info = load_run(args.run, device)
         if args.serve:
             return serve(args.run, classifier, info, device, args.host, args.port)
@@ -738,7 +675,7 @@ def main(argv=None):
             print(f"{path}: {scores['examples']} rows")
             print_scores({Path(path).name: scores}, names)
         if args.json:
-            data.write_json(args.json, {"run": str(args.run), "class_names": names, **report})
+            files.write_json(args.json, {"run": str(args.run), "class_names": names, **report})
         if args.predict:
             n = write_predictions(args.predict, args.output, classifier, info, device, args)
             print(f"Wrote {n} predictions to {args.output}")
@@ -749,10 +686,10 @@ def main(argv=None):
             shown = "  ".join(f"{name:<{width}}  {prob:.4f}"
                               for name, prob in top_k(probs, args.top_k))
             print(f"{shown}  {echo(text, tokenizer, info, classifier.gpt.cfg.context_length)}")
-    except (ValueError, RunError, data.DataError) as e:
+    except (ValueError, files.RunError, data.DataError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a file that cannot be read or written: one line, naming it
-        sys.exit(f"error: {data.describe_os_error(e)}")
+        sys.exit(f"error: {files.describe_os_error(e)}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Hugging Face folder for every row, so the rows that change the model (6-10 and 1
 """
 
 import argparse
-import json
 import shlex
 import sys
 from dataclasses import asdict, fields
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import data
+import files
 import finetune
 import gpt
 
@@ -156,6 +156,8 @@ def row_config(number, weights="pretrained", extra=()):
 
 def settings(flags):
     """The TrainConfig fields (a dict, as in run.json) that differ from finetune's defaults."""
+    if "fast" in flags:  # run.json of a run made before the flag was named shortcuts
+        flags = {"shortcuts": flags["fast"], **flags}
     return {f.name: flags.get(f.name, f.default) for f in fields(finetune.TrainConfig)
             if f.name not in NOT_SETTINGS and flags.get(f.name, f.default) != f.default}
 
@@ -179,19 +181,10 @@ def twin(number, cfg, out_dir, among=NUMBERS):
     """
     for other in among:
         folder = Path(out_dir) / f"row-{other:02d}"
-        if other != number and is_finished(folder) and not folder.is_symlink() and \
-                settings(read_json(folder / "run.json")["flags"]) == settings(asdict(cfg)):
+        if other != number and files.is_finished(folder) and not folder.is_symlink() and \
+                settings(files.read_json(folder / "run.json")["flags"]) == settings(asdict(cfg)):
             return other
     return None
-
-
-def is_finished(folder):
-    """finetune.py writes run.json last: its presence marks a finished run."""
-    return (Path(folder) / "run.json").is_file()
-
-
-def read_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------- the table
@@ -203,13 +196,15 @@ def cell(text):
 def table(out_dir, numbers, failed=None, running=None):
     """experiments.md: the chosen rows, and any others finished in `out_dir`, measured."""
     out_dir, failed = Path(out_dir), failed or {}
-    shown = sorted(set(numbers) | {n for n in NUMBERS if is_finished(out_dir / f"row-{n:02d}")})
+    shown = sorted(set(numbers) |
+                   {n for n in NUMBERS if files.is_finished(out_dir / f"row-{n:02d}")})
     lines, random_rows, links = [], [], []
     for n in shown:
         row, folder = ROWS[n - 1], out_dir / f"row-{n:02d}"
         chapter = f"{row.train:.2f} / {row.val:.2f} / {row.test:.2f}"
-        if is_finished(folder):
-            info, metrics = read_json(folder / "run.json"), read_json(folder / "metrics.json")
+        if files.is_finished(folder):
+            info = files.read_json(folder / "run.json")
+            metrics = files.read_json(folder / "metrics.json")
             acc = metrics["final_accuracy"]
             measured = [f"{acc[s] * 100:.2f}" for s in data.SPLITS]
             measured += [f"{metrics['train_minutes']:.2f}",
@@ -257,7 +252,7 @@ def table(out_dir, numbers, failed=None, running=None):
 
 def write_table(out_dir, numbers, failed=None, running=None):
     path = Path(out_dir) / "experiments.md"
-    data.write_atomic(path, table(out_dir, numbers, failed, running).encode("utf-8"))
+    files.write_atomic(path, table(out_dir, numbers, failed, running).encode("utf-8"))
     return path
 
 
@@ -281,9 +276,7 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="experiments", metavar="DIR",
                    help="holds one run folder per row (row-01, ...) and experiments.md "
                    "(default: experiments)")
-    p.add_argument("--fast", action="store_true",
-                   help="kept for older command lines: finetune.py's exact shortcuts are on "
-                   "by default now")
+    p.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # older command lines
     p.add_argument("--no-shortcuts", action="store_true",
                    help="finetune.py's --no-shortcuts: every step computes the whole model")
     p.add_argument("--precision", choices=tuple(gpt.PRECISIONS),
@@ -324,8 +317,8 @@ def plan(args):
         folder = Path(args.output_dir) / f"row-{n:02d}"
         cfg = row_config(n, args.weights, extra + ["--output-dir", str(folder)])
         finetune.check_config(cfg)
-        if is_finished(folder) and not args.rerun:
-            done = settings(read_json(folder / "run.json")["flags"])
+        if files.is_finished(folder) and not args.rerun:
+            done = settings(files.read_json(folder / "run.json")["flags"])
             if done != settings(asdict(cfg)):
                 raise ValueError(f"row {n} in {folder} finished with other settings "
                                  f"({command_line(done) or 'the defaults'}) than asked now "
@@ -345,7 +338,7 @@ def main(argv=None):
     try:
         for i, (n, cfg) in enumerate(configs.items(), 1):
             folder = Path(cfg.output_dir)
-            if is_finished(folder) and not args.rerun:
+            if files.is_finished(folder) and not args.rerun:
                 print(f"Row {n}: finished in {folder}, kept", flush=True)
                 continue
             if folder.is_symlink():  # a link to a twin (below): this row now trains itself

@@ -1,27 +1,26 @@
-"""Fine-tune GPT-2 to classify SMS messages as spam or not spam: chapter 6's run, end to end.
+"""Fine-tune GPT-2 to classify text: chapter 6's run, end to end, on its SMS spam data or on
+your own labelled files (any number of classes).
 
     python finetune.py                       # the chapter's run: GPT-2 small, 5 epochs
     python finetune.py --device cuda --precision bf16
     python finetune.py --weights random --data SMSSpamCollection --max-steps 20   # offline
+    python finetune.py --train-file reviews.csv --labels neg,neutral,pos
 
-It prints what the chapter prints (the same losses and accuracies, given the same weights), and
-leaves a run folder that `python evaluate.py --run DIR` uses: the fine-tuned weights with their
-settings (run.json, model.safetensors), metrics.json, log.txt and the loss and accuracy plots.
+Read it beside the chapter: `calc_accuracy_loader`, `calc_loss_batch`, `calc_loss_loader`,
+`evaluate_model`, `train_classifier_simple` and `plot_values` come first, under the chapter's
+names and in its order; `run` is the procedure as a short list of steps. It prints what the
+chapter prints (the same losses and accuracies, given the same weights), and leaves a run folder
+that `python evaluate.py --run DIR` uses (see files.py). Every flag is a TrainConfig field.
 """
 
 import argparse
 import contextlib
-import errno
 import io
-import json
 import math
-import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -30,58 +29,151 @@ from torch.utils.data import DataLoader
 
 import data
 import ddp
+import files
 import gpt
 import shortcuts
-from evaluate import calc_accuracy_loader, select_device
 
 SPLIT_TITLES = {"train": "Training", "validation": "Validation", "test": "Test"}
 
 
+# ------------------------------------------------------------------------------ the run's settings
+
+def option(default=None, help="", *, flags=None, group=None, **argparse_kw):
+    """A TrainConfig field with its flag's help beside it. `help` may use {default}; `flags`
+    replaces the flag made from the field's name; `group` lists the flag under a heading;
+    booleans become store_true flags (or store_false, given `flags` and action); the rest of
+    `argparse_kw` goes to argparse as it is."""
+    return field(default=default, metadata={"help": help, "flags": flags, "group": group,
+                                            **argparse_kw})
+
+
+OWN = "your own labelled data (instead of the SMS data)"
+FORMATS = data.FORMATS  # (inside TrainConfig the field `data` hides the module)
+
+
 @dataclass
 class TrainConfig:
-    data: str = None
-    train_file: str = None
-    val_file: str = None
-    test_file: str = None
-    format: str = None
-    text_column: str = "text"
-    label_column: str = "label"
-    labels: str = None
-    val_frac: float = None
-    test_frac: float = None
-    class_weights: str = None
-    weights: str = "small"
-    device: str = "auto"
-    output_dir: str = None
-    overwrite: bool = False
-    epochs: int = 5
-    batch_size: int = 8
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    eval_freq: int = 50
-    eval_iter: int = 5
-    seed: int = 123
-    max_steps: int = None
-    trainable_layers: str = "last_block"
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    token_position: str = None  # last for the chapter's data, flexible for own files
-    average_embeddings: bool = False
-    context_length: str = None  # longest for the chapter's data, batch for own files
-    group_by_length: bool = False
-    no_padding: bool = False
-    accumulation_steps: int = 1
-    disable_causal_mask: bool = False
-    ignore_index: int = -100
-    fast: bool = True  # the exact shortcuts (--no-shortcuts turns them off)
-    precision: str = "fp32"
-    plain: bool = False
-    initial_eval: bool = True
-    trunk_cache_gb: float = None  # the frozen-trunk cache's memory cap; None: a quarter of RAM
-    self_contained: bool = False
+    """Every setting of a run: one field per finetune.py flag (--batch-size sets batch_size),
+    its help beside it. run.json records them all."""
+    data: str = option(help="the raw SMSSpamCollection file or its zip; no network is used "
+                       "(default: download once from UCI into the cache)", metavar="PATH")
+    train_file: str = option(group=OWN, metavar="FILE", help="training rows: .csv, .tsv or "
+                             ".jsonl with a text and a label column; validation and test are "
+                             "cut from it (stratified) unless given")
+    val_file: str = option(group=OWN, metavar="FILE", help="validation rows (same format rules)")
+    test_file: str = option(group=OWN, metavar="FILE", help="test rows (same format rules)")
+    format: str = option(group=OWN, choices=FORMATS,
+                         help="the files' format (default: from each file's extension)")
+    text_column: str = option("text", group=OWN, metavar="NAME", help="the column (JSON key) "
+                              "holding the text, any case (default: {default})")
+    label_column: str = option("label", group=OWN, metavar="NAME", help="the column (JSON key) "
+                               "holding the label, any case (default: {default})")
+    labels: str = option(group=OWN, metavar="A,B,C", help="the classes in this order (default: "
+                         "numeric order where every label is an integer, else by name)")
+    val_frac: float = option(group=OWN, type=float, metavar="X", help="share of each class "
+                             "cut from --train-file for validation (default: 0.1; none with "
+                             "--val-file)")
+    test_frac: float = option(group=OWN, type=float, metavar="X", help="share of each class "
+                              "cut from --train-file for test (default: 0.2; 0 with --val-file)")
+    class_weights: str = option(group=OWN, metavar="balanced|W1,W2,...", help="weight the loss "
+                                "per class: balanced (inverse frequency in train) or one number "
+                                "per class in the class order (default: none)")
+    weights: str = option("small", metavar="NAME|DIR|random", help="small, medium, large or xl "
+                          "(OpenAI's GPT-2, downloaded once into the cache), a folder with "
+                          "config.json and model.safetensors, or random, random-medium, "
+                          "random-large, random-xl (random weights of that size) "
+                          "(default: {default})")
+    device: str = option("auto", choices=("auto", "cpu", "cuda", "mps"), help="auto picks "
+                         "cuda, then mps (torch >= 2.9 only), then cpu (default: {default})")
+    output_dir: str = option(metavar="DIR", help="the run folder (default: a new "
+                             "runs/<timestamp>)")
+    overwrite: bool = option(False, help="replace a finished run in --output-dir (once the new "
+                             "run has finished; until then the old one stays as it is)")
+    self_contained: bool = option(False, help="keep the whole model in the run folder "
+                                  "(model.safetensors) instead of only what training changed "
+                                  "(trained.safetensors) plus the name and sha256 of the base "
+                                  "weights; always so with random weights")
+    epochs: int = option(5, help="passes over the training set (default: {default})")
+    batch_size: int = option(8, help="examples per batch (default: {default})")
+    lr: float = option(5e-5, help="AdamW learning rate (default: {default:g})")
+    weight_decay: float = option(0.1, help="AdamW weight decay (default: {default:g})")
+    eval_freq: int = option(50, help="print train and validation loss every this many steps "
+                            "(default: {default})")
+    eval_iter: int = option(5, help="batches used for those losses and for the accuracies "
+                            "printed after each epoch (default: {default})")
+    seed: int = option(123, help="torch seed, set before each step of the procedure that draws "
+                       "random numbers (default: {default})")
+    max_steps: int = option(type=int, help="stop after this many training steps: a quick "
+                            "smoke run (default: none)")
+    trainable_layers: str = option("last_block", choices=gpt.TRAINABLE, help="what is trained: "
+                                   "the head only (last_layer), also the last block and final "
+                                   "norm (last_block, the chapter's), the last two blocks, all, "
+                                   "or LoRA adapters (default: {default})")
+    lora_rank: int = option(16, help="LoRA rank (default: {default})")
+    lora_alpha: float = option(16.0, help="LoRA alpha: the update is scaled by alpha, as in the "
+                               "book (default: {default:g})")
+    token_position: str = option(choices=("last", "first", "flexible"), help="the position "
+                                 "classified: last (the chapter's), first, or flexible = the "
+                                 "last non-padding token of each text (default: last; flexible "
+                                 "for own files)")
+    average_embeddings: bool = option(False, help="classify the mean of every position's output "
+                                      "instead of one position")
+    context_length: str = option(metavar="batch|longest|model|N", help="pad each batch to its "
+                                 "own longest text (batch), or every text to the longest "
+                                 "training text, to the model's context, or to N tokens; texts "
+                                 "are cut there, and at the model's context (default: longest, "
+                                 "120 tokens; batch for own files)")
+    group_by_length: bool = option(False, help="draw training batches of texts of similar "
+                                   "length (shuffled groups): less padding with "
+                                   "--context-length batch")
+    no_padding: bool = option(False, help="keep each text its own length (needs --batch-size 1)")
+    accumulation_steps: int = option(1, help="sum the gradients of this many batches per "
+                                     "optimizer step (default: {default})")
+    disable_causal_mask: bool = option(False, help="let every position attend to every other, "
+                                       "later ones included")
+    ignore_index: int = option(-100, help="label id the loss ignores (default: {default}, none; "
+                               "the chapter's experiment uses 50256)")
+    shortcuts: bool = option(True, flags=("--no-shortcuts", "--no-fast"), action="store_false",
+                             help="turn the exact shortcuts off, keeping the fused kernels: "
+                             "every step computes the whole model, as the chapter does "
+                             "(default: on: the frozen blocks' outputs cached, the last block "
+                             "run at the classified position only, fused AdamW)")
+    trunk_cache_gb: float = option(type=float, metavar="X", help="memory cap of the "
+                                   "frozen-trunk cache in GiB; 0 turns the cache off (default: "
+                                   "a quarter of the machine's memory)")
+    precision: str = option("fp32", choices=tuple(gpt.PRECISIONS), help="fp32 (the chapter's), "
+                            "bf16 autocast (CPU and GPU) or fp16 autocast with gradient scaling "
+                            "(CUDA) (default: {default})")
+    plain: bool = option(False, help="the chapter's explicit formulas (attention scores, layer "
+                         "norm, GELU) instead of fused kernels: the benchmarks' baseline")
+    initial_eval: bool = option(True, flags=("--no-initial-eval",), action="store_false",
+                                help="skip the accuracies and losses printed before training")
 
 
-# ----------------------------------------------------------------------------- loss, evaluation
+# --------------------------------------------------- chapter 6: sections 6.6 and 6.7, in its order
+
+def calc_accuracy_loader(data_loader, model, device, num_batches=None):
+    """Share of examples whose argmax class is the label, over the first `num_batches` batches
+    (the whole loader by default). `model` maps token ids (B, T) to class logits (B, C).
+    Under torchrun each process classifies its share of each batch and the counts are added up."""
+    model.eval()
+    correct_predictions, num_examples = 0, 0
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        input_batch, target_batch = ddp.share(input_batch), ddp.share(target_batch)
+        if len(target_batch) == 0:  # under torchrun: a short last batch left this process none
+            continue
+        input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+        with torch.no_grad():
+            predicted_labels = torch.argmax(model(input_batch), dim=-1)
+        num_examples += predicted_labels.shape[0]
+        correct_predictions += (predicted_labels == target_batch).sum().item()
+    if ddp.world() > 1:
+        correct_predictions, num_examples = ddp.sum_over_ranks(correct_predictions, num_examples)
+    return correct_predictions / num_examples if num_examples else float("nan")
+
 
 def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100, weight=None):
     """Cross-entropy of the class logits against the labels, for one batch (`weight`: one
@@ -104,45 +196,12 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, ignore_index=
         if i >= num_batches:
             break
         if ddp.world() > 1:
-            total_loss += eval_loss_over_ranks(input_batch, target_batch, model, device,
-                                               ignore_index, weight)
+            total_loss += ddp.eval_loss_over_ranks(input_batch, target_batch, model, device,
+                                                   ignore_index, weight)
         else:
             total_loss += calc_loss_batch(input_batch, target_batch, model, device,
                                           ignore_index, weight).item()
     return total_loss / num_batches
-
-
-def eval_loss_over_ranks(input_batch, target_batch, model, device, ignore_index=-100,
-                         weight=None):
-    """Under torchrun: the mean loss of a whole batch of which each process holds a share
-    (the sums of the example losses and their counts, added up over the processes; with class
-    weights, the weighted sums and the weights)."""
-    input_batch, target_batch = ddp.share(input_batch), ddp.share(target_batch).to(device)
-    loss_sum = 0.0
-    if len(target_batch):  # the last batch of an evaluation may leave a process none
-        logits = model(input_batch.to(device))
-        loss_sum = F.cross_entropy(logits, target_batch, ignore_index=ignore_index,
-                                   weight=weight, reduction="sum").item()
-    kept = target_batch[target_batch != ignore_index]
-    count = len(kept) if weight is None else weight[kept].sum()
-    loss_sum, count = ddp.sum_over_ranks(loss_sum, count)
-    return loss_sum / count if count else float("nan")
-
-
-def training_loss_batch(input_batch, target_batch, model, device, ignore_index=-100,
-                        weight=None):
-    """The loss a training step backpropagates: the batch's mean loss. Under torchrun, this
-    process's share of it, scaled so that DDP's average over the processes' gradients is the
-    whole batch's: the mean of its share, or with class weights its weighted sum over the whole
-    batch's sum of weights (added up over the processes) times their number."""
-    input_batch, target_batch = ddp.share(input_batch), ddp.share(target_batch)
-    if ddp.world() == 1 or weight is None:
-        return calc_loss_batch(input_batch, target_batch, model, device, ignore_index, weight)
-    target_batch = target_batch.to(device)
-    loss_sum = F.cross_entropy(model(input_batch.to(device)), target_batch, weight=weight,
-                               ignore_index=ignore_index, reduction="sum")
-    (weights,) = ddp.sum_over_ranks(weight[target_batch[target_batch != ignore_index]].sum())
-    return loss_sum * ddp.world() / weights
 
 
 def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_index=-100,
@@ -156,38 +215,9 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_in
     return train_loss, val_loss
 
 
-# ----------------------------------------------------------------------------- training
-
-class Diverged(Exception):
-    """Training reached a non-finite loss or weights; the message says where and what to try."""
-
-
-def diverged(what, step, epoch, cfg):
-    """Diverged for `what` (e.g. "the training loss is nan") at a step, with what to try."""
-    tips = f"a smaller --lr (now {cfg.lr:g}) or --weight-decay (now {cfg.weight_decay:g})"
-    if cfg.precision == "fp16":
-        tips += ", or --precision bf16 or fp32 (fp16 overflows where they do not)"
-    return Diverged(f"{what} at step {step} (epoch {epoch + 1}): training diverged and was "
-                    f"stopped; try {tips}")
-
-
-def check_finite_weights(model, step, epoch, cfg):
-    """Raise Diverged if a trainable weight holds NaN or inf: one device sync, so it is done
-    once per epoch, not per step."""
-    model = getattr(model, "module", model)  # under torchrun: the Classifier under DDP
-    model = getattr(model, "gpt", model)  # the GPTModel under a Classifier: its own names
-    bad = gpt.nonfinite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
-    if bad:
-        raise diverged(f"the weight {bad[0]} holds NaN or infinite values", step, epoch, cfg)
-
-
-def progress(loader, epoch):
-    """A progress bar over an epoch's batches, on stderr and only in a terminal (tqdm)."""
-    return data.progress(loader, desc=f"Epoch {epoch + 1}", unit="batch")
-
-
-def train(model, loaders, optimizer, cfg, device, scaler=None, class_weights=None):
-    """The chapter's `train_classifier_simple`: returns the history as a dict.
+def train_classifier_simple(model, loaders, optimizer, cfg, device, scaler=None,
+                            class_weights=None):
+    """The chapter's training loop: returns the history as a dict.
 
     Each step: zero grads, loss, backward, step. Every `eval_freq` steps the mean loss over the
     first `eval_iter` batches of train and validation; after each epoch the accuracy over the first
@@ -214,8 +244,8 @@ def train(model, loaders, optimizer, cfg, device, scaler=None, class_weights=Non
             # Under torchrun each process takes its share of the batch, and DDP averages the
             # gradients over the processes once per optimizer step.
             with ddp.no_sync(model, not stepping):
-                loss = training_loss_batch(input_batch, target_batch, model, device,
-                                           cfg.ignore_index, class_weights)
+                loss = ddp.training_loss_batch(calc_loss_batch, input_batch, target_batch,
+                                               model, device, cfg.ignore_index, class_weights)
                 # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
                 scaler.scale(loss / k if k > 1 else loss).backward()
             if stepping:
@@ -254,8 +284,6 @@ def train(model, loaders, optimizer, cfg, device, scaler=None, class_weights=Non
     return history
 
 
-# ----------------------------------------------------------------------------- outputs
-
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label, out_dir,
                 span=None):
     """The chapter's plot: values against epochs, with examples seen on a second x axis.
@@ -284,8 +312,38 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label, out
     for ext in ("pdf", "png"):
         buf = io.BytesIO()
         fig.savefig(buf, format=ext)
-        data.write_atomic(Path(out_dir) / f"{label}-plot.{ext}", buf.getvalue())
+        files.write_atomic(Path(out_dir) / f"{label}-plot.{ext}", buf.getvalue())
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------- around the chapter's loop
+
+class Diverged(Exception):
+    """Training reached a non-finite loss or weights; the message says where and what to try."""
+
+
+def diverged(what, step, epoch, cfg):
+    """Diverged for `what` (e.g. "the training loss is nan") at a step, with what to try."""
+    tips = f"a smaller --lr (now {cfg.lr:g}) or --weight-decay (now {cfg.weight_decay:g})"
+    if cfg.precision == "fp16":
+        tips += ", or --precision bf16 or fp32 (fp16 overflows where they do not)"
+    return Diverged(f"{what} at step {step} (epoch {epoch + 1}): training diverged and was "
+                    f"stopped; try {tips}")
+
+
+def check_finite_weights(model, step, epoch, cfg):
+    """Raise Diverged if a trainable weight holds NaN or inf: one device sync, so it is done
+    once per epoch, not per step."""
+    model = getattr(model, "module", model)  # under torchrun: the Classifier under DDP
+    model = getattr(model, "gpt", model)  # the GPTModel under a Classifier: its own names
+    bad = gpt.nonfinite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
+    if bad:
+        raise diverged(f"the weight {bad[0]} holds NaN or infinite values", step, epoch, cfg)
+
+
+def progress(loader, epoch):
+    """A progress bar over an epoch's batches, on stderr and only in a terminal (tqdm)."""
+    return files.progress(loader, desc=f"Epoch {epoch + 1}", unit="batch")
 
 
 def plot_history(history, out_dir):
@@ -306,33 +364,6 @@ def plot_history(history, out_dir):
                     out_dir, span)
         written += [f"{label}-plot.pdf", f"{label}-plot.png"]
     return written
-
-
-class Tee:
-    """Writes to the terminal and to the run's log file at once, a whole line at a time, with
-    any progress bar cleared meanwhile: a bar never shares a line with the log."""
-
-    def __init__(self, *streams):
-        self.streams, self.pending = streams, ""
-
-    def write(self, text):
-        self.pending += text
-        if "\n" in self.pending:
-            lines, _, self.pending = self.pending.rpartition("\n")
-            self._emit(lines + "\n")
-        return len(text)
-
-    def _emit(self, text):
-        with data.bars_paused():
-            for s in self.streams:
-                s.write(text)
-
-    def flush(self):
-        if self.pending:
-            text, self.pending = self.pending, ""
-            self._emit(text)
-        for s in self.streams:
-            s.flush()
 
 
 def weights_to_save(model, base, merge=True):
@@ -357,12 +388,6 @@ def weights_to_save(model, base, merge=True):
     return "model.safetensors", state
 
 
-def save_model(tensors, path):
-    """Tensors as safetensors, written atomically."""
-    from safetensors.torch import save
-    data.write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
-
-
 def dropped_examples(loader):
     """Indices of the examples that the next pass over `loader` leaves out (drop_last).
 
@@ -376,233 +401,6 @@ def dropped_examples(loader):
         seen = {int(i) for batch in replay for i in batch}
     return sorted(set(range(n)) - seen)
 
-
-# Every file a run writes (run.json lists those of each finished run, too): --overwrite
-# replaces a folder only when it holds nothing else.
-RUN_FILES = {"run.json", "log.txt", "metrics.json", "model.safetensors", "trained.safetensors",
-             "loss-plot.pdf", "loss-plot.png", "accuracy-plot.pdf", "accuracy-plot.png"}
-
-
-class RunFailed(Exception):
-    """A run that stopped after its folder was made; the message says what was kept, where."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; the message says what was kept, where."""
-
-
-def unfinished_path(out):
-    """Where a run that will replace the finished run in `out` is built until it finishes."""
-    return out.with_name(out.name + ".unfinished")
-
-
-def run_files(out):
-    """The names in `out` that finetune.py wrote (`out` holding a finished run)."""
-    try:
-        listed = set(json.loads((out / "run.json").read_text(encoding="utf-8")).get("files", []))
-    except (OSError, ValueError, AttributeError):
-        listed = set()
-    return RUN_FILES | listed
-
-
-def plan_output_dir(cfg):
-    """(run folder, whether it holds a finished run that --overwrite replaces), checked before
-    any work and without touching anything. Raises ValueError or data.DataError."""
-    if cfg.output_dir is None:
-        out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        while out.exists():  # two runs started within the same second
-            out = out.with_name(out.name + "-1")
-    else:
-        out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} is a file, not a folder")
-    replace = (out / "run.json").is_file()
-    if replace and not cfg.overwrite:
-        raise ValueError(f"{out} holds a finished run; pass --overwrite to replace it, or "
-                         "choose another --output-dir")
-    others = sorted(n for n in os.listdir(out) if n not in run_files(out)
-                    and not n.endswith(".part")) if out.is_dir() else []
-    if others:  # never overwrite or delete what a user put there (their weights, say)
-        names = f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
-        if replace:
-            raise ValueError(f"--overwrite would replace the run folder {out}, but it also "
-                             f"holds {names}, which finetune.py did not write; move them out "
-                             "first, or choose another --output-dir")
-        raise ValueError(f"--output-dir {out} already holds {names}, which finetune.py did not "
-                         "write; choose a new or empty folder")
-    if replace:
-        if (unfinished_path(out) / "run.json").exists():
-            raise ValueError(f"{unfinished_path(out)} holds a finished run that was never moved "
-                             f"into {out}; rename or delete it first")
-    data.check_writable(out, "--output-dir", "choose another --output-dir, on a disk that can be "
-                        "written")
-    return out, replace
-
-
-def check_free_space(out, tensors):
-    """Refuse a run whose files will not fit on the disk, before training rather than after."""
-    need = sum(t.numel() * t.element_size() for t in tensors.values()) + (2 << 20)  # + plots
-    there = data.existing_parent(out)
-    free = shutil.disk_usage(there).free
-    if free < need:
-        raise ValueError(f"--output-dir {out}: the run will write about {need / 1e6:,.0f} MB, but "
-                         f"only {free / 1e6:,.0f} MB are free on the disk of {there}; free some "
-                         "space or choose another --output-dir")
-
-
-class RunLog:
-    """log.txt: held in memory until the run folder is made, then written there line by line
-    (and still kept in memory: a few kB, for a run saved elsewhere when its folder fails)."""
-
-    def __init__(self):
-        self.early, self.file = io.StringIO(), None
-
-    def write(self, text):
-        self.early.write(text)
-        if self.file:
-            self.file.write(text)
-        return len(text)
-
-    def text(self):
-        return self.early.getvalue()
-
-    def flush(self):
-        if self.file:
-            self.file.flush()
-
-
-class RunFolder:
-    """The run folder, made only when `make()` is called: once every input has passed its checks.
-
-    Used as `with RunFolder(out, replace) as folder:` around the whole run, it decides what a
-    failure leaves. Before `make()`, nothing: the error passes through and no folder was made.
-    After it, the log (with the error line) is kept and the error raised says what was kept,
-    where. A new or unfinished `out` is written in place; a finished run in `out` (--overwrite)
-    stays untouched while the new run is built in out.unfinished, which takes its place only
-    once it has finished (`swap_in`).
-    """
-
-    def __init__(self, out, replace):
-        self.out, self.replace, self.log = out, replace, RunLog()
-        self.work = unfinished_path(out) if replace else out
-        self.made = False
-
-    def make(self):
-        work = self.work
-        if self.replace and work.exists():
-            shutil.rmtree(work)  # an earlier attempt that did not finish
-        work.mkdir(parents=True, exist_ok=True)
-        self.log.file = open(work / "log.txt", "w", encoding="utf-8", buffering=1)
-        self.log.file.write(self.log.text())
-        self.made = True
-        return work
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if not self.made:
-            return False
-        try:
-            self.log.file.close()
-            if e is None and self.replace:
-                swap_in(self.work, self.out)
-        except OSError as late:
-            e = late
-        if e is None:
-            return False
-        error = self.failed(e)
-        if error is e:
-            return False  # an unexpected error (a bug): logged, and raised as it is
-        raise error from e
-
-    def failed(self, e):
-        """The error to raise for `e`, its line written to the log as well."""
-        out, work = self.out, self.work
-        if work == out:
-            kept = f"{out / 'log.txt'} keeps the log; the run is unfinished (no run.json)"
-        else:
-            kept = (f"the finished run in {out} is unchanged; this run's log is in "
-                    f"{work / 'log.txt'}")
-        if isinstance(e, KeyboardInterrupt):
-            error, message = Interrupted, "interrupted"
-        elif isinstance(e, OSError):
-            error, message = RunFailed, f"could not write {data.describe_os_error(e)}"
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                message += "; free some space, then train again"
-        elif isinstance(e, (ValueError, data.DataError, gpt.WeightsError, Diverged, RunFailed)):
-            error, message = RunFailed, str(e)
-        else:
-            error, message = None, f"{type(e).__name__}: {e}"
-        line = f"{message}. Kept: {kept}"
-        try:
-            with open(work / "log.txt", "a", encoding="utf-8") as f:
-                f.write(f"{'' if error is Interrupted else 'error: '}{line}\n")
-        except OSError:
-            pass  # a full disk, say: the line still goes to the terminal
-        return error(line) if error else e
-
-
-class NoFolder:
-    """The run folder of a process other than rank 0 under torchrun: nothing written or printed."""
-
-    def __init__(self):
-        self.log = open(os.devnull, "w")
-
-    def make(self):
-        return None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.log.close()
-        return False
-
-
-def swap_in(work, out):
-    """Move the finished run in `work` to `out`, in place of the finished run there.
-
-    Two renames: at every moment `out` holds a finished run, except between them, where a crash
-    would leave the old run in out.replaced and the new one in out.unfinished, both whole.
-    """
-    old = out.with_name(out.name + ".replaced")
-    if old.exists():
-        shutil.rmtree(old)  # a run replaced earlier, by a swap cut short after its second rename
-    os.rename(out, old)
-    os.rename(work, out)
-    if old.is_symlink():
-        old.unlink()
-    else:
-        shutil.rmtree(old)
-
-
-def write_run(folder, tensors, metrics, info, history):
-    """The finished run's files in `folder`: weights, metrics, plots, then run.json, whose
-    presence marks the run as finished (every file written atomically)."""
-    save_model(tensors, folder / info["weights_file"])
-    data.write_json(folder / "metrics.json", metrics)
-    files = plot_history(history, folder)
-    files += [info["weights_file"], "metrics.json", "run.json", "log.txt"]
-    data.write_json(folder / "run.json", {**info, "files": sorted(files)})
-
-
-def rescue(e, tensors, metrics, info, history, log):
-    """What to say when the run folder could not take the finished run: the run is written,
-    whole, to a new folder in the system's temporary folder (another disk, often) instead."""
-    message = f"could not write {data.describe_os_error(e)}"
-    try:
-        spare = Path(tempfile.mkdtemp(prefix="gpt2-classify-run-"))
-        write_run(spare, tensors, metrics, info, history)
-        data.write_atomic(spare / "log.txt", log.text().encode("utf-8"))
-    except OSError as again:
-        return f"{message}, nor in the temporary folder ({data.describe_os_error(again)}); " \
-            "free some space, then train again"
-    return (f"{message}; the finished run was saved to {spare} instead (evaluate.py --run "
-            f"{spare} uses it): move it where you want it")
-
-
-# ----------------------------------------------------------------------------- set-up and CLI
 
 def check_config(cfg):
     """Refuse settings that cannot work, with a message that says what to do."""
@@ -692,7 +490,7 @@ def class_weights(spec, train_labels, class_names):
 def shortcuts_on(cfg):
     """Whether the run takes the exact shortcuts: by default, unless --no-shortcuts or --plain
     (the chapter's computation step by step)."""
-    return cfg.fast and not cfg.plain
+    return cfg.shortcuts and not cfg.plain
 
 
 def build_classifier(model, cfg, device, on_full=None, position=None):
@@ -721,181 +519,19 @@ def build_optimizer(model, cfg, device):
                              fused=fused)
 
 
-def run(cfg):
-    """The whole chapter-6 procedure; returns the run folder. Raises ValueError,
-    data.DataError, gpt.WeightsError for bad input (checked before the run folder is touched),
-    RunFailed or Interrupted for a run that failed or was stopped later."""
-    check_config(cfg)
-    position, ctx = data_choices(cfg)
-    device = ddp.device_for_rank(select_device(cfg.device))  # under torchrun: LOCAL_RANK's GPU
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
-    if ddp.is_main():
-        out, replace = plan_output_dir(cfg)
-        folder = RunFolder(out, replace)
-    else:  # under torchrun rank 0 alone prints and writes the run folder
-        out, folder = None, NoFolder()
-    start = time.time()
-    with folder, contextlib.redirect_stdout(Tee(sys.stdout, folder.log) if out else folder.log):
-        print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision}"
-              f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''})")
-
-        # 1. Data: labelled rows, split (the chapter's balanced split, or the user's files),
-        # tokenized; max_length from the training set.
-        labelled = data.load_labelled(cfg)
-        splits, class_names = labelled.splits, labelled.class_names
-        for note in labelled.notes:
-            print(note)
-        weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names)
-        tokenizer = data.get_tokenizer()
-
-        # 2. The model (random weights are drawn right after seeding).
-        torch.manual_seed(cfg.seed)  # the initial weights, where they are random
-        model = gpt.load_gpt(cfg.weights, plain=cfg.plain)
-        # What the run folder needs to find these weights again, if it is not to hold them all.
-        base = None if cfg.self_contained else gpt.base_identity(model)
-        if cfg.disable_causal_mask:
-            gpt.set_causal(model, False)
-        context = model.cfg.context_length
-        max_length = {"longest": None, "batch": None, "model": context}.get(ctx)
-        if ctx.isdigit():
-            max_length = int(ctx)
-        if cfg.no_padding:
-            max_length = context  # texts keep their own lengths, cut to what the model takes
-        if max_length is not None and max_length > context:
-            raise ValueError(f"--context-length {max_length} is longer than the model's context:"
-                             f" the model takes {context} tokens; pass {context} or less, or "
-                             "longest")
-        pad = False if cfg.no_padding else "batch" if ctx == "batch" else True
-        # Cut at the longest training text, at most the model's context.
-        train_ds = data.TextDataset(splits["train"], tokenizer, max_length, pad=pad,
-                                    limit=context)
-        datasets = {"train": train_ds}
-        for name in list(splits)[1:]:
-            datasets[name] = data.TextDataset(splits[name], tokenizer, train_ds.max_length,
-                                              pad=pad)
-        names = list(datasets)
-        # A --context-length shorter than the texts (never the chapter's default); for own
-        # files, any text longer than the longest training text or the model's context.
-        if train_ds.cut or (cfg.train_file is not None and any(ds.cut for ds in
-                                                               datasets.values())):
-            print(cut_note(datasets))
-
-        # 3. Loaders, built right after seeding (the chapter's order; they draw when iterated).
-        torch.manual_seed(cfg.seed)
-        loaders = data.create_loaders(datasets, batch_size=cfg.batch_size,
-                                      pin_memory=device.type == "cuda",
-                                      group_by_length=cfg.group_by_length)
-        if len(loaders["train"]) == 0:
-            raise ValueError(f"the training split has {len(train_ds)} examples, fewer than one "
-                             f"batch of {cfg.batch_size}; lower --batch-size or add rows")
-        if cfg.train_file is not None:
-            print(f"{len(class_names)} classes, rows per split ({' / '.join(names)}): " + "; ".join(
-                f"{c} " + " / ".join(str(sum(y == i for y in datasets[n].labels)) for n in names)
-                for i, c in enumerate(class_names)))
-        shown = ", ".join(f"{len(ds)} {dict(train='training').get(n, n)}"
-                          for n, ds in datasets.items())
-        padded = (" (each batch padded to its own longest text)" if pad == "batch" else "")
-        print(f"{shown} examples{'' if 'test' in datasets else ' (no test split)'}; "
-              f"max_length {train_ds.max_length}{padded}; batches "
-              + " / ".join(str(len(loaders[n])) for n in names))
-
-        # 4. Classification set-up: freeze, new head (drawn right after seeding), unfreeze.
-        torch.manual_seed(cfg.seed)
-        gpt.setup_classifier(model, len(class_names), cfg.trainable_layers,
-                             cfg.lora_rank, cfg.lora_alpha)
-        model.to(device)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in model.parameters())
-        print(f"Trainable parameters: {n_train:,} of {n_all:,}")
-
-        # The run folder's weights file must fit on its disk: known now, before any long work.
-        if out:
-            check_free_space(out, weights_to_save(model, base, merge=False)[1])
-        ddp.barrier()  # under torchrun: every process has passed its checks too
-
-        # Every input has passed its checks: only now is the run folder made. From here on a
-        # failure keeps the log, the error line in it (a finished run being replaced: as it was).
-        work = folder.make()
-        if cfg.initial_eval:  # the chapter's look before training; the run reseeds below
-            # own cache: training starts cold
-            before, _ = build_classifier(model, cfg, device, position=position)
-            torch.manual_seed(cfg.seed)
-            total = sum(min(n, len(loaders[s])) for n in (10, 5) for s in names)
-            with data.progress(total=total, desc="Looking before training", unit="batch") as bar:
-                ticking = {s: data.Ticking(loaders[s], bar) for s in names}
-                accs = [calc_accuracy_loader(ticking[s], before, device, num_batches=10)
-                        for s in names]
-                with torch.no_grad():
-                    losses = [calc_loss_loader(ticking[s], before, device, 5, cfg.ignore_index,
-                                               weight) for s in names]
-            del before
-            print("Before fine-tuning (accuracy over 10 batches, loss over 5):")
-            for s, acc in zip(names, accs):
-                print(f"{SPLIT_TITLES[s]} accuracy: {acc*100:.2f}%")
-            for s, loss in zip(names, losses):
-                print(f"{SPLIT_TITLES[s]} loss: {loss:.3f}")
-
-        # 5. Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
-        classifier, note = build_classifier(model, cfg, device, on_full=print,
-                                            position=position)
-        start_time = time.time()
-        torch.manual_seed(cfg.seed)
-        optimizer = build_optimizer(model, cfg, device)
-        print(shortcuts.describe(classifier, optimizer, cfg.precision) if shortcuts_on(cfg) else
-              f"Shortcuts: off ({'--plain' if cfg.plain else '--no-shortcuts'})")
-        if note:
-            print(note)
-        shortcuts.prefill(classifier, loaders, cfg)  # inside the timed phase: it is the loop's work
-        classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        weight = weight.to(device) if weight is not None else None
-        history = train(classifier, loaders, optimizer, cfg, device, scaler, weight)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_minutes = (time.time() - start_time) / 60
-        print(f"Training completed in {train_minutes:.2f} minutes.")
-
-        # 6. Accuracy over the whole of each split, through the chapter's loaders: the training
-        # loader shuffles and drops its last partial batch, so this pass leaves out a few
-        # examples (5 of 1,045); run.json names them so that evaluate.py leaves out the same.
-        dropped = dropped_examples(loaders["train"])
-        total = sum(len(loaders[s]) for s in names)
-        with data.progress(total=total, desc="Accuracy on every split", unit="batch") as bar:
-            final = {s: calc_accuracy_loader(data.Ticking(loaders[s], bar), classifier, device)
-                     for s in names}
-        for s in names:
-            print(f"{SPLIT_TITLES[s]} accuracy: {final[s]*100:.2f}%")
-        if not ddp.is_main():
-            return None  # rank 0 writes the run folder
-
-        # 7. The run folder's files, the weights (what matters most) first.
-        weights_file, tensors = weights_to_save(model, base)
-        bad = gpt.nonfinite(tensors)
-        if bad:
-            raise diverged(f"the weight {bad[0]} holds NaN or infinite values",
-                           history["steps"] - 1, cfg.epochs - 1, cfg)
-        metrics = {
-            "history": history, "final_accuracy": final, "train_minutes": train_minutes,
-            "total_minutes": (time.time() - start) / 60, "device": str(device),
-            "device_name": device_name(device), "processes": ddp.world(),
-            "torch": torch.__version__}
-        info = {
-            "model": asdict(model.cfg), "num_classes": len(class_names),
-            "class_names": class_names, "max_length": train_ds.max_length,
-            "pad_id": data.PAD_ID, "padding": pad, "context_length": ctx,
-            "token_position": position, "average_embeddings": cfg.average_embeddings,
-            "splits": {n: len(ds) for n, ds in datasets.items()},
-            "precision": cfg.precision, "batch_size": cfg.batch_size,
-            "final_train_dropped": dropped, "data": labelled.source, "flags": asdict(cfg),
-            "weights_file": weights_file,
-            "base": base if weights_file == "trained.safetensors" else None}
-        try:
-            write_run(work, tensors, metrics, info, history)
-        except OSError as e:  # a full disk, say: the trained model is saved elsewhere if it can
-            raise RunFailed(rescue(e, tensors, metrics, info, history, folder.log)) from e
-        print(f"Saved the fine-tuned model to {out}")
-    return out
+def device_name(device):
+    """What the device is, for the records: the GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple {platform.machine()} (MPS)"
+    try:  # Linux: platform.processor() says only "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
 
 
 def cut_note(datasets):
@@ -913,121 +549,242 @@ def cut_note(datasets):
             f"; only their first {max_length} tokens are classified")
 
 
+# --------------------------------------------------------------------------- the run, step by step
+
+def load_data(cfg):
+    """Step 1: the labelled rows, split: the chapter's balanced split of the SMS data, or the
+    user's own files (printing what was decided about them)."""
+    labelled = data.load_labelled(cfg)
+    for note in labelled.notes:
+        print(note)
+    return labelled
+
+
+def load_model(cfg):
+    """Step 2: GPT-2 with its pretrained (or random) weights, and what the run folder needs to
+    find those weights again, if it is not to hold them all (None: it holds them)."""
+    model = gpt.load_gpt(cfg.weights, plain=cfg.plain)
+    base = None if cfg.self_contained else gpt.base_identity(model)
+    if cfg.disable_causal_mask:
+        gpt.set_causal(model, False)
+    return model, base
+
+
+def make_datasets(cfg, splits, context, ctx):
+    """Step 3: each split tokenized, cut and padded: max_length from the training set (the
+    longest training text, at most the model's `context`) unless --context-length says
+    otherwise. Returns (datasets, padding)."""
+    max_length = {"longest": None, "batch": None, "model": context}.get(ctx)
+    if ctx.isdigit():
+        max_length = int(ctx)
+    if cfg.no_padding:
+        max_length = context  # texts keep their own lengths, cut to what the model takes
+    if max_length is not None and max_length > context:
+        raise ValueError(f"--context-length {max_length} is longer than the model's context:"
+                         f" the model takes {context} tokens; pass {context} or less, or "
+                         "longest")
+    pad = False if cfg.no_padding else "batch" if ctx == "batch" else True
+    tokenizer = data.get_tokenizer()
+    train_ds = data.TextDataset(splits["train"], tokenizer, max_length, pad=pad, limit=context)
+    datasets = {"train": train_ds}
+    for name in list(splits)[1:]:
+        datasets[name] = data.TextDataset(splits[name], tokenizer, train_ds.max_length, pad=pad)
+    # A --context-length shorter than the texts (never the chapter's default); for own
+    # files, any text longer than the longest training text or the model's context.
+    if train_ds.cut or (cfg.train_file is not None and any(ds.cut for ds in datasets.values())):
+        print(cut_note(datasets))
+    return datasets, pad
+
+
+def make_loaders(cfg, datasets, class_names, device):
+    """Step 4: the data loaders (they draw from torch's RNG when iterated), and the lines
+    saying what they hold."""
+    loaders = data.create_loaders(datasets, batch_size=cfg.batch_size,
+                                  pin_memory=device.type == "cuda",
+                                  group_by_length=cfg.group_by_length)
+    names, train_ds = list(datasets), datasets["train"]
+    if len(loaders["train"]) == 0:
+        raise ValueError(f"the training split has {len(train_ds)} examples, fewer than one "
+                         f"batch of {cfg.batch_size}; lower --batch-size or add rows")
+    if cfg.train_file is not None:
+        print(f"{len(class_names)} classes, rows per split ({' / '.join(names)}): " + "; ".join(
+            f"{c} " + " / ".join(str(sum(y == i for y in datasets[n].labels)) for n in names)
+            for i, c in enumerate(class_names)))
+    shown = ", ".join(f"{len(ds)} {dict(train='training').get(n, n)}"
+                      for n, ds in datasets.items())
+    padded = " (each batch padded to its own longest text)" if train_ds.pad == "batch" else ""
+    print(f"{shown} examples{'' if 'test' in datasets else ' (no test split)'}; "
+          f"max_length {train_ds.max_length}{padded}; batches "
+          + " / ".join(str(len(loaders[n])) for n in names))
+    return loaders
+
+
+def look_before_training(classifier, loaders, cfg, device, weight):
+    """The chapter's look before training: accuracy over 10 batches and loss over 5 of each
+    split, printed. The caller seeds torch first (the training loader draws its order)."""
+    names = list(loaders)
+    total = sum(min(n, len(loaders[s])) for n in (10, 5) for s in names)
+    with files.progress(total=total, desc="Looking before training", unit="batch") as bar:
+        ticking = {s: files.Ticking(loaders[s], bar) for s in names}
+        accs = [calc_accuracy_loader(ticking[s], classifier, device, num_batches=10)
+                for s in names]
+        with torch.no_grad():
+            losses = [calc_loss_loader(ticking[s], classifier, device, 5, cfg.ignore_index,
+                                       weight) for s in names]
+    print("Before fine-tuning (accuracy over 10 batches, loss over 5):")
+    for s, acc in zip(names, accs):
+        print(f"{SPLIT_TITLES[s]} accuracy: {acc*100:.2f}%")
+    for s, loss in zip(names, losses):
+        print(f"{SPLIT_TITLES[s]} loss: {loss:.3f}")
+
+
+def final_accuracies(classifier, loaders, device):
+    """Step 6: accuracy over the whole of each split, through the chapter's loaders, printed."""
+    names = list(loaders)
+    total = sum(len(loaders[s]) for s in names)
+    with files.progress(total=total, desc="Accuracy on every split", unit="batch") as bar:
+        final = {s: calc_accuracy_loader(files.Ticking(loaders[s], bar), classifier, device)
+                 for s in names}
+    for s in names:
+        print(f"{SPLIT_TITLES[s]} accuracy: {final[s]*100:.2f}%")
+    return final
+
+
+def save_run(work, out, folder, model, base, cfg, history, final, run_info, timing):
+    """Step 7: the run folder's files, the weights (what matters most) first; run.json last."""
+    weights_file, tensors = weights_to_save(model, base)
+    bad = gpt.nonfinite(tensors)
+    if bad:
+        raise diverged(f"the weight {bad[0]} holds NaN or infinite values",
+                       history["steps"] - 1, cfg.epochs - 1, cfg)
+    metrics = {"history": history, "final_accuracy": final, **timing,
+               "processes": ddp.world(), "torch": torch.__version__}
+    info = {"model": asdict(model.cfg), **run_info, "flags": asdict(cfg),
+            "weights_file": weights_file,
+            "base": base if weights_file == "trained.safetensors" else None}
+
+    def plots(folder):
+        return plot_history(history, folder)
+    try:
+        files.write_run(work, tensors, metrics, info, plots)
+    except OSError as e:  # a full disk, say: the trained model is saved elsewhere if it can
+        raise files.RunFailed(files.rescue(e, tensors, metrics, info, plots, folder.log)) from e
+    print(f"Saved the fine-tuned model to {out}")
+
+
+def run(cfg):
+    """The whole chapter-6 procedure, in its order; returns the run folder. Raises ValueError,
+    data.DataError, gpt.WeightsError for bad input (checked before the run folder is touched),
+    files.RunFailed or files.Interrupted for a run that failed or was stopped later."""
+    check_config(cfg)
+    position, ctx = data_choices(cfg)
+    device = ddp.device_for_rank(ddp.select_device(cfg.device))  # torchrun: LOCAL_RANK's GPU
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
+    if ddp.is_main():
+        out, replace = files.plan_output_dir(cfg)
+        folder = files.RunFolder(out, replace, errors=ERRORS)
+    else:  # under torchrun rank 0 alone prints and writes the run folder
+        out, folder = None, files.NoFolder()
+    start = time.time()
+    log = files.Tee(sys.stdout, folder.log) if out else folder.log
+    with folder, contextlib.redirect_stdout(log):
+        print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision}"
+              f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''})")
+        labelled = load_data(cfg)  # 1
+        splits, class_names = labelled.splits, labelled.class_names
+        weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names)
+        torch.manual_seed(cfg.seed)  # 2: the initial weights, where they are random
+        model, base = load_model(cfg)
+        datasets, pad = make_datasets(cfg, splits, model.cfg.context_length, ctx)  # 3
+        torch.manual_seed(cfg.seed)  # 4: the loaders (the chapter's order; they draw later)
+        loaders = make_loaders(cfg, datasets, class_names, device)
+        torch.manual_seed(cfg.seed)  # 5: freeze, new head (drawn here), unfreeze
+        gpt.setup_classifier(model, len(class_names), cfg.trainable_layers,
+                             cfg.lora_rank, cfg.lora_alpha)
+        model.to(device)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"Trainable parameters: {n_train:,} of {n_all:,}")
+        if out:  # the weights file must fit on the run folder's disk: known now, before training
+            files.check_free_space(out, weights_to_save(model, base, merge=False)[1])
+        ddp.barrier()  # under torchrun: every process has passed its checks too
+
+        # Every input has passed its checks: only now is the run folder made. From here on a
+        # failure keeps the log, the error line in it (a finished run being replaced: as it was).
+        work = folder.make()
+        if cfg.initial_eval:  # own classifier and cache: training starts cold
+            before, _ = build_classifier(model, cfg, device, position=position)
+            torch.manual_seed(cfg.seed)  # the look draws the training loader's order; reseeded
+            look_before_training(before, loaders, cfg, device, weight)
+            del before
+
+        # Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
+        classifier, note = build_classifier(model, cfg, device, on_full=print, position=position)
+        start_time = time.time()
+        torch.manual_seed(cfg.seed)
+        optimizer = build_optimizer(model, cfg, device)
+        print(shortcuts.describe(classifier, optimizer, cfg.precision) if shortcuts_on(cfg) else
+              f"Shortcuts: off ({'--plain' if cfg.plain else '--no-shortcuts'})")
+        if note:
+            print(note)
+        shortcuts.prefill(classifier, loaders, cfg)  # inside the timed phase: the loop's work
+        classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        weight = weight.to(device) if weight is not None else None
+        history = train_classifier_simple(classifier, loaders, optimizer, cfg, device, scaler,
+                                          weight)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_minutes = (time.time() - start_time) / 60
+        print(f"Training completed in {train_minutes:.2f} minutes.")
+
+        # 6. The training loader shuffles and drops its last partial batch, so this pass leaves
+        # out a few examples (5 of 1,045); run.json names them so evaluate.py leaves out the same.
+        dropped = dropped_examples(loaders["train"])
+        final = final_accuracies(classifier, loaders, device)
+        if not ddp.is_main():
+            return None  # rank 0 writes the run folder
+        run_info = {
+            "num_classes": len(class_names), "class_names": class_names,
+            "max_length": datasets["train"].max_length, "pad_id": data.PAD_ID, "padding": pad,
+            "context_length": ctx, "token_position": position,
+            "average_embeddings": cfg.average_embeddings,
+            "splits": {n: len(ds) for n, ds in datasets.items()}, "precision": cfg.precision,
+            "batch_size": cfg.batch_size, "final_train_dropped": dropped,
+            "data": labelled.source}
+        timing = {"train_minutes": train_minutes, "total_minutes": (time.time() - start) / 60,
+                  "device": str(device), "device_name": device_name(device)}
+        save_run(work, out, folder, model, base, cfg, history, final, run_info, timing)  # 7
+    return out
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
 # What run() raises for bad input or a failed run: one error line each, never a traceback.
-ERRORS = (ValueError, data.DataError, gpt.WeightsError, Diverged, RunFailed, OSError)
-
-
-def device_name(device):
-    """What the device is, for the records: the GPU's name, or the CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return f"Apple {platform.machine()} (MPS)"
-    try:  # Linux: platform.processor() says only "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
+ERRORS = (ValueError, data.DataError, gpt.WeightsError, Diverged, files.RunFailed, OSError)
 
 
 def parse_args(argv=None):
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description="Fine-tune GPT-2 as a spam classifier, exactly as "
-                                "chapter 6 does (sections 6.4-6.8), by default through exact "
-                                "shortcuts.")
-    a = p.add_argument
-    a("--data", metavar="PATH", help="the raw SMSSpamCollection file or its zip; no network is "
-      "used (default: download once from UCI into the cache)")
-    own = p.add_argument_group("your own labelled data (instead of the SMS data)")
-    own.add_argument("--train-file", metavar="FILE", help="training rows: .csv, .tsv or .jsonl "
-                     "with a text and a label column; validation and test are cut from it "
-                     "(stratified) unless given")
-    own.add_argument("--val-file", metavar="FILE", help="validation rows (same format rules)")
-    own.add_argument("--test-file", metavar="FILE", help="test rows (same format rules)")
-    own.add_argument("--format", choices=data.FORMATS,
-                     help="the files' format (default: from each file's extension)")
-    own.add_argument("--text-column", default=d.text_column, metavar="NAME",
-                     help="the column (JSON key) holding the text, any case (default: text)")
-    own.add_argument("--label-column", default=d.label_column, metavar="NAME",
-                     help="the column (JSON key) holding the label, any case (default: label)")
-    own.add_argument("--labels", metavar="A,B,C", help="the classes in this order (default: "
-                     "numeric order where every label is an integer, else by name)")
-    own.add_argument("--val-frac", type=float, metavar="X", help="share of each class cut "
-                     "from --train-file for validation (default: 0.1; none with --val-file)")
-    own.add_argument("--test-frac", type=float, metavar="X", help="share of each class cut "
-                     "from --train-file for test (default: 0.2; 0 with --val-file)")
-    own.add_argument("--class-weights", metavar="balanced|W1,W2,...",
-                     help="weight the loss per class: balanced (inverse frequency in train) or "
-                     "one number per class in the class order (default: none)")
-    a("--weights", default=d.weights, metavar="NAME|DIR|random",
-      help="small, medium, large or xl (OpenAI's GPT-2, downloaded once into the cache), a "
-      "folder with config.json and model.safetensors, or random, random-medium, random-large, "
-      "random-xl (random weights of that size) (default: small)")
-    a("--device", default=d.device, choices=("auto", "cpu", "cuda", "mps"),
-      help="auto picks cuda, then mps (torch >= 2.9 only), then cpu (default: auto)")
-    a("--output-dir", metavar="DIR", help="the run folder (default: a new runs/<timestamp>)")
-    a("--overwrite", action="store_true", help="replace a finished run in --output-dir (once "
-      "the new run has finished; until then the old one stays as it is)")
-    a("--self-contained", action="store_true", help="keep the whole model in the run folder "
-      "(model.safetensors) instead of only what training changed (trained.safetensors) plus the "
-      "name and sha256 of the base weights; always so with random weights")
-    a("--epochs", type=int, default=d.epochs, help="passes over the training set (default: 5)")
-    a("--batch-size", type=int, default=d.batch_size, help="examples per batch (default: 8)")
-    a("--lr", type=float, default=d.lr, help="AdamW learning rate (default: 5e-5)")
-    a("--weight-decay", type=float, default=d.weight_decay,
-      help="AdamW weight decay (default: 0.1)")
-    a("--eval-freq", type=int, default=d.eval_freq,
-      help="print train and validation loss every this many steps (default: 50)")
-    a("--eval-iter", type=int, default=d.eval_iter, help="batches used for those losses and for "
-      "the accuracies printed after each epoch (default: 5)")
-    a("--seed", type=int, default=d.seed, help="torch seed, set before each step of the "
-      "procedure that draws random numbers (default: 123)")
-    a("--max-steps", type=int, help="stop after this many training steps: a quick smoke run")
-    a("--trainable-layers", default=d.trainable_layers, choices=gpt.TRAINABLE,
-      help="what is trained: the head only (last_layer), also the last block and final norm "
-      "(last_block, the chapter's), the last two blocks, all, or LoRA adapters (default: "
-      "last_block)")
-    a("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank (default: 16)")
-    a("--lora-alpha", type=float, default=d.lora_alpha,
-      help="LoRA alpha: the update is scaled by alpha, as in the book (default: 16)")
-    a("--token-position", default=d.token_position, choices=("last", "first", "flexible"),
-      help="the position classified: last (the chapter's), first, or flexible = the last "
-      "non-padding token of each text (default: last; flexible for own files)")
-    a("--average-embeddings", action="store_true",
-      help="classify the mean of every position's output instead of one position")
-    a("--context-length", default=d.context_length, metavar="batch|longest|model|N",
-      help="pad each batch to its own longest text (batch), or every text to the longest "
-      "training text, to the model's context, or to N tokens; texts are cut there, and at the "
-      "model's context (default: longest, 120 tokens; batch for own files)")
-    a("--group-by-length", action="store_true", help="draw training batches of texts of "
-      "similar length (shuffled groups): less padding with --context-length batch")
-    a("--no-padding", action="store_true",
-      help="keep each text its own length (needs --batch-size 1)")
-    a("--accumulation-steps", type=int, default=d.accumulation_steps,
-      help="sum the gradients of this many batches per optimizer step (default: 1)")
-    a("--disable-causal-mask", action="store_true",
-      help="let every position attend to every other, later ones included")
-    a("--ignore-index", type=int, default=d.ignore_index,
-      help="label id the loss ignores (default: -100, none; the chapter's experiment uses 50256)")
-    a("--fast", action="store_true", default=True, help="the exact shortcuts, on by default "
-      "(kept for older command lines): cache the frozen blocks' outputs, run the last block "
-      "at the classified position only, fused AdamW")
-    a("--no-shortcuts", "--no-fast", dest="fast", action="store_false",
-      help="turn the exact shortcuts off, keeping the fused kernels: every step computes the "
-      "whole model, as the chapter does")
-    a("--trunk-cache-gb", type=float, metavar="X", help="memory cap of the frozen-trunk cache in "
-      "GiB; 0 turns the cache off (default: a quarter of the machine's memory)")
-    a("--precision", default=d.precision, choices=tuple(gpt.PRECISIONS),
-      help="fp32 (default, the chapter's), bf16 autocast (CPU and GPU) or fp16 autocast with "
-      "gradient scaling (CUDA)")
-    a("--plain", action="store_true", help="the chapter's explicit formulas (attention scores, "
-      "layer norm, GELU) instead of fused kernels: the benchmarks' baseline")
-    a("--no-initial-eval", dest="initial_eval", action="store_false",
-      help="skip the accuracies and losses printed before training")
-    args = p.parse_args(argv)
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    """TrainConfig from the command line: one flag per field, its help and default from the
+    field (see `option`)."""
+    p = argparse.ArgumentParser(description="Fine-tune GPT-2 to classify text: chapter 6's run "
+                                "(sections 6.4-6.8) on its SMS spam data, or on your own "
+                                "labelled files; by default through exact shortcuts.")
+    groups = {}
+    for f in fields(TrainConfig):
+        kw = dict(f.metadata)
+        help_, flags, group = kw.pop("help"), kw.pop("flags"), kw.pop("group")
+        target = p if group is None else groups.setdefault(group, p.add_argument_group(group))
+        if f.type is bool:
+            kw.setdefault("action", "store_true")
+        elif "choices" not in kw and f.type is not str:
+            kw.setdefault("type", f.type)
+        target.add_argument(*(flags or ["--" + f.name.replace("_", "-")]), dest=f.name,
+                            default=f.default, help=help_.format(default=f.default), **kw)
+    # older command lines: --fast was the shortcuts' flag when they were off by default
+    p.add_argument("--fast", dest="shortcuts", action="store_true", help=argparse.SUPPRESS)
+    return TrainConfig(**vars(p.parse_args(argv)))
 
 
 def main(argv=None):
@@ -1037,9 +794,9 @@ def main(argv=None):
         run(cfg)
     except ERRORS as e:
         # Under torchrun the first process to fail says why; torchrun then stops the others.
-        sys.exit(f"error: {data.describe_os_error(e) if isinstance(e, OSError) else e}"
+        sys.exit(f"error: {files.describe_os_error(e) if isinstance(e, OSError) else e}"
                  if ddp.first_to_fail() else 1)
-    except Interrupted as e:
+    except files.Interrupted as e:
         sys.exit(str(e))
     except KeyboardInterrupt:
         sys.exit("interrupted before training began; no run folder was made"

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import files
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class WeightsError(Exception):
     """Weights that cannot be used; the message names the problem and what to do."""
 
 
-# ----------------------------------------------------------------------------- modules
+# ----------------------------------------------------------------------------------------- modules
 # `plain=True` keeps the chapter's explicit formulas (manual layer norm and GELU, explicit
 # attention scores with a mask buffer). They are the benchmark baseline; the default uses
 # PyTorch's fused kernels, which compute the same functions up to float rounding.
@@ -197,7 +198,7 @@ class GPTModel(nn.Module):
         return self.out_head(self.final_norm(x))
 
 
-# ----------------------------------------------------------------------------- classification
+# ---------------------------------------------------------------------------------- classification
 
 def add_classification_head(model, num_classes=2):
     """Replace the vocabulary head by a `Linear(emb, num_classes)` with bias (draws torch's RNG)."""
@@ -346,7 +347,7 @@ def set_causal(model, causal):
     return model
 
 
-# ----------------------------------------------------------------------------- weights
+# ----------------------------------------------------------------------------------------- weights
 
 # Our name <- the checkpoint's name (after any "transformer." prefix is dropped), and how.
 # GPT-2 stores its linear layers as Conv1D, [in, out], so they are transposed for nn.Linear ("T");
@@ -502,7 +503,7 @@ def _check_safetensors(path):
 def download_weights(name, cache=None, **download_kw):
     """Folder holding a preset's config.json and model.safetensors, downloaded once."""
     _, repo = PRESETS[name]
-    folder = (Path(cache) if cache else data.cache_dir()) / "weights" / repo.split("/")[-1]
+    folder = (Path(cache) if cache else files.cache_dir()) / "weights" / repo.split("/")[-1]
     for file, check in (("config.json", lambda p: config_from_hf(p)),
                         ("model.safetensors", _check_safetensors)):
         if not (folder / file).is_file():
@@ -512,8 +513,8 @@ def download_weights(name, cache=None, **download_kw):
                 except WeightsError as e:
                     raise data.DataError(str(e)) from e
             try:
-                data.download_file([HF_URL.format(repo=repo, file=file)], folder / file,
-                                   check=checked, **download_kw)
+                files.download_file([HF_URL.format(repo=repo, file=file)], folder / file,
+                                    check=checked, **download_kw)
             except data.DataError as e:
                 raise WeightsError(f"could not download the {name} GPT-2 weights ({e}); "
                                    "pass --weights DIR (a folder with config.json and "
@@ -612,7 +613,7 @@ def config_from_dict(d):
     return replace(GPTConfig(), **d)
 
 
-# ----------------------------------------------------------------------------- generation
+# -------------------------------------------------------------------------------------- generation
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, context_size=None):

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import data
 import ddp
+import files
 import gpt
 
 
@@ -451,7 +451,7 @@ class Shortcuts:
                                self.prepared)
 
 
-# ----------------------------------------------------------------------------- the policy
+# -------------------------------------------------------------------------------------- the policy
 
 def for_training(model, max_bytes=None, on_full=None, pad_id=gpt.PAD_ID):
     """(Shortcuts, note) for training the set-up `model`: the frozen-trunk cache (capped at
@@ -500,7 +500,7 @@ def prefill(classifier, loaders, cfg):
         return 0  # padded per batch: the loop's paddings are not known ahead; it fills lazily
 
     def bar(chunks):
-        return data.progress(chunks, desc="Frozen-trunk cache", unit="batch")
+        return files.progress(chunks, desc="Frozen-trunk cache", unit="batch")
     with classifier.autocast(trunk.params[0].device):
         return trunk.fill(rows, FILL_BATCH, bar)
 

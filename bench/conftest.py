@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import data
+import files
 import gpt
 import shortcuts
 
@@ -378,12 +379,13 @@ def summary_markdown(results, tiny, wall_s, load_end):
            "",
            "- Projection of the training phase (section 6.7): 650 steps + 180 evaluation batches "
            "(13 loss evaluations and 5 accuracies, 5 + 5 batches each); with the trunk cache "
-           "(`fast`, last block) also one fill per distinct example read (1,085 = 1,045 train + "
-           f"40 validation), in batches of {shortcuts.FILL_BATCH} as finetune.py fills ahead of "
-           "the loop (`fill ms/batch` is one such batch), i.e. "
+           "(`shortcuts`, last block) also one fill per distinct example read (1,085 = "
+           f"1,045 train + 40 validation), in batches of {shortcuts.FILL_BATCH} as finetune.py "
+           "fills ahead of the loop (`fill ms/batch` is one such batch), i.e. "
            f"1085/{shortcuts.FILL_BATCH} fills; the cached step and evaluation are then timed on "
            "cached examples. `epoch s` is the mean of the five epochs; `epoch 1 s` a measured "
-           "whole first epoch (`finetune.train`, cold cache) with its projection.",
+           "whole first epoch (`finetune.train_classifier_simple`, cold cache) with its "
+           "projection.",
            "- `train ex/s`: the 5,200 training examples over the projected phase (evaluations "
            "and fills included). MFU: model FLOPs (6 x params x tokens for trained matmuls, "
            "2 x for frozen ones, attention 4 T Tq E per layer forward, x 3 when trained) per "
@@ -412,5 +414,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if path is None and not tiny:
         path = "bench-summary.md"
     if path is not None:
-        data.write_atomic(Path(path), text.encode("utf-8"))
+        files.write_atomic(Path(path), text.encode("utf-8"))
         tr.write_line(f"Summary written to {Path(path).resolve()}")

@@ -20,7 +20,7 @@ def new_row(results):
     fresh = type(results)(0.0, None)
 
     def make(trunk=False, peak=1.0, batch=8, tokens=120, fill_batch=32):
-        row = fresh.row(device="cpu", device_name="Test CPU", precision="fp32", variant="exact",
+        row = fresh.row(device="cpu", device_name="Test CPU", precision="fp32", variant="fused",
                         trainable="last_block", batch=batch, tokens=tokens, fill_batch=fill_batch)
         row.trunk, row.peak_tflops = trunk, peak
         return row
@@ -82,17 +82,17 @@ def test_an_mfu_over_100_percent_is_refused(new_row):
     # One block's forward for one example, every position (T = 16, E = 32): 2 FLOPs per
     # multiply-add of its linear layers, 12 E^2 per position, plus attention's 4 E T^2:
     # 2 * 12 * 1024 * 16 + 4 * 32 * 256 = 393,216 + 32,768 = 425,984. The head: 2 * E * 2 = 128.
-    ("exact", "last_block", "eval", 2 * (2 * 425_984 + 128)),
+    ("fused", "last_block", "eval", 2 * (2 * 425_984 + 128)),
     # training: the trained last block and head cost 3 forwards (the 6N rule), the frozen first
     # block one
-    ("exact", "last_block", "step", 2 * (425_984 + 3 * 425_984 + 3 * 128)),
+    ("fused", "last_block", "step", 2 * (425_984 + 3 * 425_984 + 3 * 128)),
     ("plain", "last_block", "step", 2 * (425_984 + 3 * 425_984 + 3 * 128)),
-    ("exact", "all", "step", 2 * (6 * 425_984 + 3 * 128)),
-    ("exact", "last_layer", "step", 2 * (2 * 425_984 + 3 * 128)),
+    ("fused", "all", "step", 2 * (6 * 425_984 + 3 * 128)),
+    ("fused", "last_layer", "step", 2 * (2 * 425_984 + 3 * 128)),
     # the shortcuts: the first block is cached (no FLOPs in a step), the last one re-associated at
     # the classified position: 2 * 12 E^2 + 4 E T H = 24,576 + 8,192 = 32,768, trained: x 3
-    ("fast", "last_block", "step", 2 * (3 * 32_768 + 3 * 128)),
-    ("fast", "last_block", "eval", 2 * (32_768 + 128)),
+    ("shortcuts", "last_block", "step", 2 * (3 * 32_768 + 3 * 128)),
+    ("shortcuts", "last_block", "eval", 2 * (32_768 + 128)),
 ])
 def test_flop_counts(variant, trainable, kind, expected, monkeypatch):
     monkeypatch.setattr(test_speed, "_lever_missing", lambda *args: None)

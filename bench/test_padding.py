@@ -6,7 +6,7 @@ every text to the longest, with and without length grouping (issue 10).
 
 Lengths as skewed as real labelled text: nine in ten texts short (8 to 40 tokens), one in ten
 long (300 to 500). Each benchmark is one training epoch of GPT-2 small (random weights, the last
-block trainable, the last real token classified, exact mode, fp32) over the same 48 examples in
+block trainable, the last real token classified, --no-shortcuts, fp32) over the same 48 examples in
 batches of 8, through finetune.py's loaders and training step. extra_info holds examples/s and
 the padded tokens the epoch computed; the ratio between rows is the speed-up. No timing is
 asserted.
@@ -64,7 +64,7 @@ def test_epoch_of_skewed_lengths(benchmark, mode, skewed_rows, sizes):
     optimizer = finetune.build_optimizer(model, cfg, torch.device("cpu"))
     tokens = []
 
-    def epoch():  # finetune.train's step, over one pass of the training loader
+    def epoch():  # finetune.train_classifier_simple's step, over one pass of the training loader
         torch.manual_seed(123)
         loader = data.create_loaders({"train": ds}, batch_size=batch,
                                      group_by_length=grouped)["train"]

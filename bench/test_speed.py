@@ -9,15 +9,16 @@ block, final norm and new head trainable), batches of 8 x 120 tokens. Rows: devi
 absent ones skip) x precision (fp32; bf16 autocast on CPU and CUDA; fp16 autocast with a
 GradScaler on CUDA) x variant:
 
-    plain   the chapter's loop as written: explicit attention scores, manual layer norm and GELU
-            (`GPTModel(cfg, plain=True)`), fp32, the full forward every step
-    exact   finetune.py's default: the same maths through PyTorch's fused kernels
-    fast    `finetune.build_classifier` with `--fast`: the frozen trunk's outputs cached per
-            example (`shortcuts.TrunkCache`) and the last block run at the classified position only
+    plain      the chapter's loop as written: explicit attention scores, manual layer norm and
+               GELU (`GPTModel(cfg, plain=True)`), fp32, the full forward every step
+    fused      finetune.py --no-shortcuts: the same maths through PyTorch's fused kernels
+    shortcuts  finetune.py's default (`finetune.build_classifier`): the frozen trunk's outputs
+               cached per example (`shortcuts.TrunkCache`) and the last block run at the
+               classified position only
 
-and, for plain, exact and fast bf16, every layer trainable (no trunk to cache: tail only).
-Per row the tests time an evaluation batch, a trunk fill (fast), a training step and, where fast
-enough or asked for, a whole epoch; conftest.py projects the chapter's 5-epoch training phase
+and, for plain, fused and shortcuts bf16, every layer trainable (no trunk to cache: tail only).
+Per row the tests time an evaluation batch, a trunk fill (shortcuts), a training step and, where
+quick enough or asked for, a whole epoch; conftest.py projects the chapter's 5-epoch training phase
 from them and prints the summary. No timing is ever asserted.
 """
 
@@ -49,15 +50,15 @@ DEVICES = {  # device: (available, why not, precisions it runs)
 # (variant, precision, trainable); a precision runs only where the device supports it.
 VARIANTS = [
     ("plain", "fp32", "last_block"),
-    ("exact", "fp32", "last_block"),
-    ("exact", "bf16", "last_block"),
-    ("exact", "fp16", "last_block"),
-    ("fast", "fp32", "last_block"),
-    ("fast", "bf16", "last_block"),
-    ("fast", "fp16", "last_block"),
+    ("fused", "fp32", "last_block"),
+    ("fused", "bf16", "last_block"),
+    ("fused", "fp16", "last_block"),
+    ("shortcuts", "fp32", "last_block"),
+    ("shortcuts", "bf16", "last_block"),
+    ("shortcuts", "fp16", "last_block"),
     ("plain", "fp32", "all"),
-    ("exact", "fp32", "all"),
-    ("fast", "bf16", "all"),
+    ("fused", "fp32", "all"),
+    ("shortcuts", "bf16", "all"),
 ]
 
 
@@ -76,7 +77,7 @@ def _cases():
 
 
 CASES = _cases()
-FAST_CASES = [c for c in CASES if c.values[0][2] == "fast"]
+SHORTCUT_CASES = [c for c in CASES if c.values[0][2] == "shortcuts"]
 
 
 # ----------------------------------------------------------------------------- devices
@@ -178,11 +179,11 @@ def _lever_missing(variant, precision):
         return "gpt.GPTModel has no plain= switch (the chapter's explicit formulas)"
     if precision not in getattr(finetune, "PRECISIONS", {"fp32": None}):
         return f"gpt.PRECISIONS offers no {precision}"
-    if variant == "fast":
+    if variant == "shortcuts":
         if not hasattr(finetune, "build_classifier"):
             return "finetune.build_classifier is missing"
-        if not {"fast", "precision"} <= set(finetune.TrainConfig.__dataclass_fields__):
-            return "finetune.TrainConfig has no fast / precision fields"
+        if not {"shortcuts", "precision"} <= set(finetune.TrainConfig.__dataclass_fields__):
+            return "finetune.TrainConfig has no shortcuts / precision fields"
     return None
 
 
@@ -200,7 +201,7 @@ class Setup:
         torch.manual_seed(123)  # the new classification head
         gpt.setup_classifier(self.model, trainable=trainable)
         self.model.to(self.device)
-        self.cfg = finetune.TrainConfig(fast=variant == "fast", precision=precision,
+        self.cfg = finetune.TrainConfig(shortcuts=variant == "shortcuts", precision=precision,
                                         trainable_layers=trainable, device=device)
         self.note = None
         self.classifier = self.new_classifier()
@@ -210,11 +211,11 @@ class Setup:
         self.dtype = gpt.PRECISIONS[precision]
 
     def new_classifier(self):
-        """The module the loop calls; for `fast` a new one holds a new, empty trunk cache."""
-        if self.variant == "fast":
+        """The module the loop calls; for `shortcuts` a new one holds a new, empty trunk cache."""
+        if self.variant == "shortcuts":
             classifier, self.note = finetune.build_classifier(self.model, self.cfg, self.device)
             return classifier
-        # plain and exact: the chapter's model(x)[:, -1, :], under autocast if asked
+        # plain and fused: the chapter's model(x)[:, -1, :], under autocast if asked
         return gpt.Classifier(self.model, autocast_dtype=gpt.PRECISIONS[self.precision])
 
     @property
@@ -368,7 +369,7 @@ def report(benchmark, results, row, setup, kind, seconds, flops, examples, token
 
 @pytest.mark.parametrize("case", CASES)
 def test_eval_batch(benchmark, case, setup_row, token_data, sizes, results, pytestconfig):
-    """One evaluation batch (no grad forward, loss, .item()); `fast` reads cached examples."""
+    """One evaluation batch (no grad forward, loss, .item()); `shortcuts` reads cached examples."""
     s, row = setup_row(case)
     s.classifier.eval()
     # The cached evaluation reads examples already in the cache; the others alternate two.
@@ -382,7 +383,7 @@ def test_eval_batch(benchmark, case, setup_row, token_data, sizes, results, pyte
            sizes.batch, token_data, sizes)
 
 
-@pytest.mark.parametrize("case", FAST_CASES)
+@pytest.mark.parametrize("case", SHORTCUT_CASES)
 def test_trunk_fill(benchmark, case, setup_row, token_data, sizes, results, pytestconfig):
     """The trunk cache computing a batch of new examples, as many as finetune.py fills at once
     (shortcuts.FILL_BATCH): a fresh cache (and batch) each round."""
@@ -411,7 +412,8 @@ def test_trunk_fill(benchmark, case, setup_row, token_data, sizes, results, pyte
 
 @pytest.mark.parametrize("case", CASES)
 def test_train_step(benchmark, case, setup_row, token_data, sizes, results, pytestconfig):
-    """One training step of the chapter's loop; `fast` steps on cached examples (fills apart)."""
+    """One training step of the chapter's loop; `shortcuts` steps on cached examples (fills
+    apart)."""
     s, row = setup_row(case)
     s.classifier.train()
     # The cached step: its examples are filled first, outside the timing.
@@ -435,8 +437,9 @@ def test_train_step(benchmark, case, setup_row, token_data, sizes, results, pyte
 @pytest.mark.parametrize("case", CASES)
 def test_epoch(benchmark, case, setup_row, row_of, token_data, sizes, results, pytestconfig,
                full_epochs):
-    """A whole first epoch through finetune.train (130 steps, its evaluations and accuracies; a
-    cold trunk cache): the check on the projection. Where slow, only when asked."""
+    """A whole first epoch through finetune.train_classifier_simple (130 steps, its evaluations
+    and accuracies; a cold trunk cache): the check on the projection. Where slow, only when
+    asked."""
     first, _, missing = row_of(case).first_epoch()
     if not (sizes.tiny or full_epochs):
         if first is None:
@@ -461,8 +464,8 @@ def test_epoch(benchmark, case, setup_row, row_of, token_data, sizes, results, p
         return (cfg,), {}
 
     def epoch(cfg):  # its log lines go to pytest's capture
-        histories.append(finetune.train(s.classifier, loaders, s.optimizer, cfg, s.device,
-                                        s.scaler))
+        histories.append(finetune.train_classifier_simple(s.classifier, loaders, s.optimizer,
+                                                          cfg, s.device, s.scaler))
         sync(s.device)
 
     warmup, n = rounds(pytestconfig, s.device, "epoch", s.trainable)

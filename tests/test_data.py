@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import data
+import files
 
 # PARSE.md, "Self-checks": rows, bytes and sha256 of the chapter's three files.
 EXPECTED_CSV = {
@@ -476,7 +477,7 @@ def test_fetch_refuses_bad_downloads_and_leaves_nothing(http_server, tmp_path, c
 
 def test_cache_dir_honours_xdg_cache_home(monkeypatch, tmp_path, http_server):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert data.cache_dir() == tmp_path / "xdg" / "gpt2-classify"
+    assert files.cache_dir() == tmp_path / "xdg" / "gpt2-classify"
     url = http_server.serve("/sms.zip", GOOD_ZIP)
     raw = data.fetch(urls=[url], backoff=0, retries=1, timeout=5)  # cache=None: cache_dir()
     assert raw == tmp_path / "xdg" / "gpt2-classify" / "SMSSpamCollection"
@@ -484,29 +485,29 @@ def test_cache_dir_honours_xdg_cache_home(monkeypatch, tmp_path, http_server):
 
     monkeypatch.setenv("XDG_CACHE_HOME", "")  # empty means unset
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.cache_dir() == tmp_path / "home" / ".cache" / "gpt2-classify"
+    assert files.cache_dir() == tmp_path / "home" / ".cache" / "gpt2-classify"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert data.cache_dir() == tmp_path / "home" / ".cache" / "gpt2-classify"
+    assert files.cache_dir() == tmp_path / "home" / ".cache" / "gpt2-classify"
 
 
 def test_download_file_without_check_is_atomic(http_server, tmp_path):
     body = bytes(range(256)) * 300  # 76,800 bytes: several reads
     url = http_server.serve("/blob", body)
     dest = tmp_path / "out" / "blob.bin"
-    assert data.download_file([url], dest, check=None, backoff=0, retries=1, timeout=5) == dest
+    assert files.download_file([url], dest, check=None, backoff=0, retries=1, timeout=5) == dest
     assert dest.read_bytes() == body
     assert files_in(tmp_path / "out") == ["blob.bin"]
 
     # A truncated transfer leaves the finished file as it was, and no partial file beside it.
     bad = http_server.serve("/cut", body[:1000], length=len(body))
     with pytest.raises(data.DataError, match=f"got 1000 of {len(body)} bytes"):
-        data.download_file([bad], dest, check=None, backoff=0, retries=1, timeout=5)
+        files.download_file([bad], dest, check=None, backoff=0, retries=1, timeout=5)
     assert dest.read_bytes() == body
     assert files_in(tmp_path / "out") == ["blob.bin"]
 
     fresh = tmp_path / "fresh" / "blob.bin"
     with pytest.raises(data.DataError):
-        data.download_file([bad], fresh, check=None, backoff=0, retries=1, timeout=5)
+        files.download_file([bad], fresh, check=None, backoff=0, retries=1, timeout=5)
     assert files_in(tmp_path / "fresh") == []
 
 
@@ -514,7 +515,7 @@ def test_download_file_retries_network_errors_then_names_every_url(http_server, 
                                                                    tmp_path):
     missing = http_server.url("/missing")
     with pytest.raises(data.DataError) as e:
-        data.download_file([closed_url, missing], tmp_path / "x", backoff=0, retries=3, timeout=5)
+        files.download_file([closed_url, missing], tmp_path / "x", backoff=0, retries=3, timeout=5)
     message = str(e.value)
     assert message.count(closed_url) == 1  # named once...
     assert "3 tries" in message  # ...though network trouble gets every try
@@ -554,7 +555,7 @@ def test_download_backs_off_between_tries(http_server, tmp_path):
     url = http_server.serve("/cut", GOOD_ZIP[:_half], length=len(GOOD_ZIP))
     backoff = 0.1
     with pytest.raises(data.DataError, match="got .* of .* bytes"):
-        data.download_file([url], tmp_path / "x", backoff=backoff, retries=3, timeout=5)
+        files.download_file([url], tmp_path / "x", backoff=backoff, retries=3, timeout=5)
     assert http_server.requests == ["/cut"] * 3
     t = http_server.times
     gaps = [b - a for a, b in zip(t, t[1:])]
@@ -565,7 +566,7 @@ def test_download_backs_off_between_tries(http_server, tmp_path):
 def test_write_atomic_gives_files_the_usual_mode(tmp_path):
     old = os.umask(0o022)
     try:
-        data.write_atomic(tmp_path / "f.txt", b"x")
+        files.write_atomic(tmp_path / "f.txt", b"x")
     finally:
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
@@ -580,7 +581,7 @@ def test_write_atomic_interrupted_at_the_swap_keeps_the_old_file(tmp_path, monke
         raise KeyboardInterrupt
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.write_atomic(target, b"half of a new file")
+        files.write_atomic(target, b"half of a new file")
     monkeypatch.undo()
     assert target.read_bytes() == b"the finished run's weights"
     assert files_in(tmp_path) == ["model.safetensors"]  # no temporary file left beside it

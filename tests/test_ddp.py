@@ -195,6 +195,7 @@ def test_the_shares_of_a_training_loss_average_to_the_whole_batchs(monkeypatch, 
     shares = []
     for r in (0, 1):
         monkeypatch.setattr(ddp, "rank", lambda r=r: r)
-        shares.append(grads(finetune.training_loss_batch(x, y, model, "cpu", weight=w)))
+        shares.append(grads(ddp.training_loss_batch(finetune.calc_loss_batch, x, y, model, "cpu",
+                                                    weight=w)))
     for g, g0, g1 in zip(whole, *shares):
         torch.testing.assert_close((g0 + g1) / 2, g)

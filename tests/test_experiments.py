@@ -151,8 +151,8 @@ def test_command_line_shows_the_flags_that_differ_from_the_default():
     assert line == ("--weights random-xl --trainable-layers lora --lora-alpha 8 "
                     "--precision bf16")  # --fast: the default now
     assert experiments.command_line(asdict(experiments.row_config(1, "random", [
-        "--no-shortcuts"]))) == "--weights random --no-fast"
-    assert not finetune.parse_args(["--no-fast"]).fast
+        "--no-shortcuts"]))) == "--weights random --no-shortcuts"
+    assert not finetune.parse_args(["--no-fast"]).shortcuts
     assert finetune.parse_args(line.split()) == finetune.parse_args(
         ["--weights", "random-xl", "--trainable-layers", "lora", "--lora-rank", "16",
          "--lora-alpha", "8", "--fast", "--precision", "bf16"])  # reproduces the run
@@ -213,7 +213,7 @@ def test_help_names_every_option(capsys):
     with pytest.raises(SystemExit):
         experiments.main(["--help"])
     text = capsys.readouterr().out
-    for option in ("--rows", "--weights", "--device", "--data", "--output-dir", "--fast",
+    for option in ("--rows", "--weights", "--device", "--data", "--output-dir", "--no-shortcuts",
                    "--precision", "--epochs", "--max-steps", "--rerun"):
         assert option in text
 

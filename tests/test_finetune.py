@@ -13,6 +13,7 @@ import torch
 
 import data
 import evaluate
+import files
 import finetune
 import gpt
 import shortcuts
@@ -317,11 +318,11 @@ def test_weights_that_cannot_be_downloaded_say_what_to_do(tmp_path, real_data, m
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(gpt, "HF_URL", "http://127.0.0.1:9/{repo}/{file}")  # closed port
 
-    original = data.download_file
+    original = files.download_file
 
     def no_retry_download(urls, dest, **kw):
         return original(urls, dest, **{**kw, "retries": 1, "timeout": 2})
-    monkeypatch.setattr(data, "download_file", no_retry_download)
+    monkeypatch.setattr(files, "download_file", no_retry_download)
     with pytest.raises(SystemExit) as e:
         finetune.main(["--data", real_data, "--output-dir", str(tmp_path / "run")])
     assert "--weights DIR" in str(e.value) and "--weights random" in str(e.value)
@@ -356,24 +357,24 @@ def test_overwrite_replaces_a_finished_run_with_the_new_one(tmp_path, tiny_weigh
 def interrupt_training(monkeypatch):
     def train(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(finetune, "train", train)
+    monkeypatch.setattr(finetune, "train_classifier_simple", train)
 
 
 def interrupt_saving_the_model(monkeypatch):
     def save_model(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(finetune, "save_model", save_model)
+    monkeypatch.setattr(files, "save_model", save_model)
 
 
 def interrupt_writing_run_json(monkeypatch):
     """The worst moment: everything else written, run.json (the mark of a finished run) not."""
-    write_json = data.write_json
+    write_json = files.write_json
 
     def interrupted(path, obj):
         if str(path).endswith("run.json"):
             raise KeyboardInterrupt
         return write_json(path, obj)
-    monkeypatch.setattr(data, "write_json", interrupted)
+    monkeypatch.setattr(files, "write_json", interrupted)
 
 
 @pytest.mark.parametrize("interrupt", [interrupt_training, interrupt_saving_the_model,

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.testing import assert_close
 
+import data
+import files
 import gpt
 import shortcuts
 
@@ -218,9 +220,7 @@ def test_download_weights_failure_says_what_to_do(http_server, monkeypatch, tmp_
 
 
 def test_load_gpt_preset_download_failure(http_server, monkeypatch, tmp_path):
-    import data
-
-    monkeypatch.setattr(data.time, "sleep", lambda seconds: None)  # no real back-off waits
+    monkeypatch.setattr(files.time, "sleep", lambda seconds: None)  # no real back-off waits
     monkeypatch.setattr(gpt, "HF_URL", http_server.base + "/{repo}/{file}")
     with pytest.raises(gpt.WeightsError) as e:
         gpt.load_gpt("small", cache=tmp_path)
@@ -537,8 +537,6 @@ def test_generate_crops_to_the_context():
 
 
 def test_cli_generates_with_a_weights_folder(tiny_hf_dir, capsys):
-    import data
-
     folder, _ = tiny_hf_dir
     tok = data.get_tokenizer()
     # The tiny vocabulary has 100 ids; "!#" is [0, 2] in GPT-2's BPE ("!!" is one token, 3228).

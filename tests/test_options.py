@@ -3,8 +3,9 @@ rows 11, 13-15 and 18).
 
 The options' effect on the forward pass (first/last/flexible position, averaging, LoRA's start
 and merge, no causal mask) is covered in test_gpt.py. Here: what training does with them, driven
-through finetune.train itself, and what the data flags do to a whole finetune.py run (on a small
-synthetic SMS file and a tiny GPT-2 with the real vocabulary size, so each run takes a second).
+through finetune.train_classifier_simple itself, and what the data flags do to a whole
+finetune.py run (on a small synthetic SMS file and a tiny GPT-2 with the real vocabulary size,
+so each run takes a second).
 """
 
 import json
@@ -50,8 +51,9 @@ def train_cfg(**kw):
 
 
 def train(model, x, y, batch_size, optimizer, **kw):
-    return finetune.train(gpt.Classifier(model, pad_id=PAD), loaders(x, y, batch_size),
-                          optimizer, train_cfg(**kw), CPU)
+    return finetune.train_classifier_simple(gpt.Classifier(model, pad_id=PAD),
+                                            loaders(x, y, batch_size), optimizer,
+                                            train_cfg(**kw), CPU)
 
 
 def weights(model):
@@ -217,12 +219,12 @@ def run_capturing(monkeypatch, tmp_path, sms_file):
     """finetune.run on `sms_file` with a tiny GPT-2 of the real vocabulary size; returns the
     loaders training got, and run.json."""
     monkeypatch.setattr(gpt, "load_gpt", lambda *args, **kwargs: gpt.GPTModel(TINY_GPT2_VOCAB))
-    seen, real_train = {}, finetune.train
+    seen, real_train = {}, finetune.train_classifier_simple
 
     def capturing_train(model, loaders, *args, **kwargs):
         seen["loaders"] = loaders
         return real_train(model, loaders, *args, **kwargs)
-    monkeypatch.setattr(finetune, "train", capturing_train)
+    monkeypatch.setattr(finetune, "train_classifier_simple", capturing_train)
 
     def run(*flags):
         out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import evaluate
+import files
 import finetune
 import gpt
 
@@ -421,8 +422,8 @@ def test_a_run_that_fails_before_training_leaves_no_folder(bad, tiny_weights, da
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(gpt, "HF_URL", closed_url + "/{repo}/{file}")  # a failed download
-    real = data.download_file
-    monkeypatch.setattr(data, "download_file", lambda urls, dest, **kw: real(
+    real = files.download_file
+    monkeypatch.setattr(files, "download_file", lambda urls, dest, **kw: real(
         urls, dest, **{**kw, "retries": 1, "timeout": 2}))
     args = ["--weights", str(tiny_weights), "--data", data_path, "--max-steps", "1"] + bad
     fails(finetune.main, args)
@@ -443,7 +444,7 @@ def test_an_interrupted_run_says_what_it_kept(tiny_weights, data_path, tmp_path,
     def interrupted(*args, **kw):
         print("Ep 1 (Step 000000): Train loss 0.700, Val loss 0.700")
         raise KeyboardInterrupt
-    monkeypatch.setattr(finetune, "train", interrupted)
+    monkeypatch.setattr(finetune, "train_classifier_simple", interrupted)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         finetune.main(quick(tiny_weights, data_path, out))

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import data
+import ddp
 import evaluate
 import finetune
 
@@ -49,7 +50,7 @@ def tiny_run(tmp_path_factory, tiny_weights, raw_path):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
-    device = evaluate.select_device("cpu")
+    device = ddp.select_device("cpu")
     classifier, info = evaluate.load_run(tiny_run, device)
     return classifier, info, device
 
@@ -510,7 +511,7 @@ def test_a_three_class_run_of_own_data_is_served(tmp_path, tiny_weights, capsys)
                    "--output-dir", str(run), "--device", "cpu", "--epochs", "1",
                    "--max-steps", "2", "--no-initial-eval"])
     capsys.readouterr()
-    device = evaluate.select_device("cpu")
+    device = ddp.select_device("cpu")
     classifier, info = evaluate.load_run(run, device)
     srv = evaluate.make_server(classifier, info, device, run.name, port=0, log=False)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},

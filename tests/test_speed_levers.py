@@ -343,7 +343,7 @@ def shortcut_line(log):
 
 def test_the_shortcuts_are_on_by_default_and_the_log_says_which(tmp_path, tiny_weights,
                                                                 raw_path):
-    assert finetune.TrainConfig().fast and finetune.parse_args([]).fast
+    assert finetune.TrainConfig().shortcuts and finetune.parse_args([]).shortcuts
     log = run_log(tmp_path, tiny_weights, raw_path, "default")
     line = shortcut_line(log)
     assert "frozen-trunk cache (embeddings + 1 frozen block, stored in fp32" in line
