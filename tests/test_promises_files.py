@@ -132,8 +132,8 @@ def test_unlabelled_rows_for_predict_need_no_label_column(tmp_path):
        val=st.one_of(st.sampled_from([0.1, 0.3, 0.45, 0.49]), st.floats(0.01, 0.49)),
        test=st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.45, 0.49]), seed=st.integers(0, 2**31 - 1))
 @example(counts=[10, 10], val=0.45, test=0.45, seed=0)  # rounding up once left train none
-def test_the_stratified_split_keeps_every_class_in_every_split_when_it_can(counts, val, test,
-                                                                            seed):
+def test_the_stratified_split_keeps_every_class_in_every_split_when_it_can(
+        counts, val, test, seed):
     rows = [(c, f"class {c} row {i}") for c, n in enumerate(counts) for i in range(n)]
     names = [f"c{c}" for c in range(len(counts))]
     fracs = {name: f for name, f in (("validation", val), ("test", test)) if f > 0}

@@ -210,8 +210,8 @@ def test_latest_run_is_the_most_recently_finished_not_the_last_by_name(tmp_path)
     assert evaluate.latest_run(runs) == runs / "20260102-000000"
 
 
-def test_evaluate_without_run_names_and_uses_the_latest_finished(own_run, tmp_path, monkeypatch,
-                                                                capsys):
+def test_evaluate_without_run_names_and_uses_the_latest_finished(
+        own_run, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(own_run["run"], runs / "b-older")
     shutil.copytree(own_run["run"], runs / "a-newer")
@@ -226,8 +226,8 @@ def test_evaluate_without_run_names_and_uses_the_latest_finished(own_run, tmp_pa
     assert captured.out.split()[0] in WORDS
 
 
-def test_an_own_files_run_is_scored_from_another_working_folder(own_run, tmp_path, monkeypatch,
-                                                               capsys):
+def test_an_own_files_run_is_scored_from_another_working_folder(
+        own_run, tmp_path, monkeypatch, capsys):
     log = own_run["log"].splitlines()
     end = log.index(next(x for x in log if x.startswith("Training completed")))
     final = log[end + 1:end + 4]
@@ -275,8 +275,8 @@ def table_row(out, number):
     raise AssertionError(f"no row {number}")
 
 
-def test_rerun_with_changed_settings_replaces_the_row_and_its_table_line(tmp_path, monkeypatch,
-                                                                        capsys):
+def test_rerun_with_changed_settings_replaces_the_row_and_its_table_line(
+        tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(finetune, "run", fake_run(calls))
     out = tmp_path / "out"
