@@ -407,6 +407,8 @@ def stratified_split(rows, fracs, class_names, seed=SEED, source="the training f
         members = by_class[label]
         n = len(members)
         counts = {name: max(1, int(n * f + 0.5)) for name, f in fracs.items()}
+        while n - sum(counts.values()) < 1 and max(counts.values()) > 1:
+            counts[max(counts, key=counts.get)] -= 1  # rounding up left train none: give it one
         if n - sum(counts.values()) < 1:
             names = " and ".join(["train", *fracs])
             raise DataError(
