@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import data
 import gpt
+import shortcuts
 
 BOM = "\ufeff"
 ROWS = [("spam", "WIN cash, now"), ("ham", "see you\nat 6"), ("ham", 'say "hi"')]
@@ -176,8 +177,8 @@ def test_padding_never_changes_a_flexible_position_logit(tiny_classifier, texts,
 
     def logits(ids):
         with torch.no_grad():
-            return gpt.classify_logits(model, torch.tensor(ids), position="flexible",
-                                       pad_id=PAD, **kw[shortcut])
+            return shortcuts.classify_logits(model, torch.tensor(ids), position="flexible",
+                                             pad_id=PAD, **kw[shortcut])
     alone = torch.cat([logits([t]) for t in texts])  # each text by itself, unpadded
     width = max(map(len, texts)) + extra  # a batch of them, right-padded to any width
     batch = logits([t + [PAD] * (width - len(t)) for t in texts])

@@ -116,14 +116,15 @@ class BiasOnly(torch.nn.Module):
 
 
 def one_step(weight, capsys):
-    """The bias after finetune.train's one SGD step (lr 1) on one batch: 3 of class 0, 1 of 1."""
+    """The bias after finetune.train_classifier_simple's one SGD step (lr 1) on one batch: 3 of
+    class 0, 1 of 1."""
     loader = DataLoader(TensorDataset(torch.zeros(4, 1, dtype=torch.long),
                                       torch.tensor([0, 0, 0, 1])), batch_size=4)
     model = BiasOnly()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     cfg = finetune.TrainConfig(epochs=1, max_steps=1, eval_freq=1, eval_iter=1)
-    history = finetune.train(model, {"train": loader, "validation": loader}, optimizer, cfg,
-                             CPU, class_weights=weight)
+    history = finetune.train_classifier_simple(model, {"train": loader, "validation": loader},
+                                               optimizer, cfg, CPU, class_weights=weight)
     capsys.readouterr()
     return model.bias.detach().tolist(), history
 

@@ -27,6 +27,7 @@ import torch
 
 import evaluate
 import experiments
+import files
 import finetune
 
 CPU = torch.device("cpu")
@@ -51,7 +52,7 @@ def tiny_run(out, train, weights, *extra):
     """finetune.main on an own file; returns (log, the tensors check_free_space was given, the
     class weights train() was given)."""
     seen = {}
-    real_check, real_train = finetune.check_free_space, finetune.train
+    real_check, real_train = files.check_free_space, finetune.train_classifier_simple
 
     def check(out_dir, tensors):
         seen["tensors"] = dict(tensors)
@@ -62,8 +63,8 @@ def tiny_run(out, train, weights, *extra):
         return real_train(*args, **kw)
     buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(finetune, "check_free_space", check)
-        mp.setattr(finetune, "train", train_)
+        mp.setattr(files, "check_free_space", check)
+        mp.setattr(finetune, "train_classifier_simple", train_)
         mp.setattr(sys, "stdout", buf)
         finetune.main(["--train-file", str(train), "--weights", str(weights), "--output-dir",
                        str(out), "--epochs", "1", "--max-steps", "2", "--no-initial-eval",
@@ -108,15 +109,15 @@ def assert_estimate_is_the_bytes_written(run, tensors, monkeypatch, exact=True):
     written = sum(f.stat().st_size for f in run.iterdir())
     free["now"] = written - 1
     with pytest.raises(ValueError, match="the run will write about"):
-        finetune.check_free_space(run, tensors)
+        files.check_free_space(run, tensors)
     if not exact:  # (LoRA folded in after the check: the file is smaller than the estimate)
         return
     # ... and is the weights file's tensor bytes plus the allowance, to the byte.
     free["now"] = weights + plots
-    finetune.check_free_space(run, tensors)
+    files.check_free_space(run, tensors)
     free["now"] = weights + plots - 1
     with pytest.raises(ValueError, match="the run will write about"):
-        finetune.check_free_space(run, tensors)
+        files.check_free_space(run, tensors)
 
 
 def test_the_free_space_estimate_is_the_bytes_the_run_writes(own_run, monkeypatch):
@@ -205,9 +206,9 @@ def test_latest_run_is_the_most_recently_finished_not_the_last_by_name(tmp_path)
             (runs / name / "run.json").write_text("{}")
             os.utime(runs / name / "run.json", (finished, finished))
     # 20260101 was replaced (--overwrite) after 20260102 finished; 20260103 is still training
-    assert evaluate.latest_run(runs) == runs / "20260101-000000"
+    assert files.latest_run(runs) == runs / "20260101-000000"
     os.utime(runs / "20260102-000000" / "run.json", (4000, 4000))
-    assert evaluate.latest_run(runs) == runs / "20260102-000000"
+    assert files.latest_run(runs) == runs / "20260102-000000"
 
 
 def test_evaluate_without_run_names_and_uses_the_latest_finished(
@@ -289,12 +290,13 @@ def test_rerun_with_changed_settings_replaces_the_row_and_its_table_line(
     assert len(calls) == 1
     # with --rerun: trained again with the new settings, replacing the row (--overwrite)
     experiments.main(base + ["--no-shortcuts", "--epochs", "2", "--rerun"])
-    assert len(calls) == 2 and calls[1].overwrite and not calls[1].fast and calls[1].epochs == 2
+    assert len(calls) == 2 and calls[1].overwrite and not calls[1].shortcuts and \
+        calls[1].epochs == 2
     flags = json.loads((out / "row-03" / "run.json").read_text())["flags"]
-    assert (flags["fast"], flags["epochs"]) == (False, 2)
+    assert (flags["shortcuts"], flags["epochs"]) == (False, 2)
     row = table_row(out, 3)
     assert row[2] == "`--weights random --epochs 2 --trainable-layers last_layer " \
-        "--no-fast`" and row[3] == "20.00"
+        "--no-shortcuts`" and row[3] == "20.00"
     # the new settings are now the row's: asked again, kept; the old ones are refused
     experiments.main(base + ["--no-shortcuts", "--epochs", "2"])
     assert len(calls) == 2 and "Row 3: finished in" in capsys.readouterr().out
