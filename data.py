@@ -475,11 +475,25 @@ def file_format(path, fmt=None):
                     "name it .csv, .tsv or .jsonl, or pass --format csv|tsv|jsonl")
 
 
+def check_file(path, what="", fix="check the path"):
+    """Raise DataError unless `path` is a regular file: a missing path, a folder, and a pipe
+    or device (a FIFO, /dev/zero: its bytes cannot be read twice, or never end) are each named
+    as what they are. `what` names the flag, `fix` says what to do for a missing path."""
+    path = Path(path)
+    where = f"{what} {path}".strip()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise DataError(f"{where} is a folder; pass a file")
+    if os.path.exists(path):
+        raise DataError(f"{where} is not a regular file (a pipe, socket or device): its rows "
+                        "cannot be read as a file's; save them to a file and pass its path")
+    raise DataError(f"{where} does not exist; {fix}")
+
+
 def read_file_text(path):
     """A user's file as text (UTF-8; a leading byte-order mark is dropped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; check the path")
+    path = check_file(path)
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path} is empty; it needs a header and at least one row")
@@ -491,17 +505,25 @@ def read_file_text(path):
                         f"{raw[e.start:e.start + 1]!r}; save the file as UTF-8") from None
 
 
-def _find_column(path, columns, name, flag, what):
-    """Index (or key) of column `name` among `columns`, matched case-insensitively."""
+def _find_column(path, columns, name, flag, what, fix=None):
+    """Index (or key) of column `name` among `columns`, matched case-insensitively. `fix`: what
+    to advise where there is no such column (default: pass `flag`)."""
     hits = [c for c in columns if str(c).strip().lower() == name.strip().lower()]
     if len(hits) > 1:
         raise DataError(f"{path} has {len(hits)} columns named {name!r} (case ignored): "
                         f"{', '.join(map(repr, hits))}; rename one")
     if not hits:
         shown = ", ".join(repr(c) for c in columns) or "none"
-        raise DataError(f"{path} has no {what} column {name!r} (its columns: {shown}); pass "
-                        f"{flag} NAME")
+        raise DataError(f"{path} has no {what} column {name!r} (its columns: {shown}); "
+                        f"{fix or f'pass {flag} NAME'}")
     return hits[0]
+
+
+def _looks_like_data(columns):
+    """Whether a file's header (its first row, as read) looks like a row of data: a name with
+    a space or punctuation in it, or longer than a column name usually is."""
+    return any(len(c) > 30 or re.search(r"\s|[^\w\s.-]", c.strip())
+               for c in map(str, columns))
 
 
 def _label_text(path, value, where, row):
@@ -512,10 +534,87 @@ def _label_text(path, value, where, row):
     return str(value).strip()
 
 
-def read_records(path, fmt=None, text_column="text", label_column="label", labelled=True):
+def _quote_error(path, n, start, end, e, line):
+    """The error line for a CSV row whose quotes the csv module refused (strict)."""
+    fix = ("if the quote is part of the text, put the whole field in quotes and double each "
+           'quote inside it (\"He said ""hi""\"), or remove it')
+    if "end of data" in str(e):
+        return (f"{path} row {n} (line {start}): a quote opened in this row never closes, so "
+                f"every line after it (to line {end}) would be read into one field; {fix}")
+    if end > start:
+        return (f"{path} row {n} (line {start}): a quote opened in this row closes only on "
+                f"line {end}, and not at the end of a field, so lines {start} to {end} would "
+                f"be read as one row; {fix}")
+    return (f"{path} row {n} (line {start}): a field starts with a quote that closes before "
+            f"the field ends ({line.strip()[:60]!r}); {fix}")
+
+
+def _csv_rows(path, text, delimiter, quoting):
+    """(row number, first line, last line, fields) of every row of a CSV/TSV text, the header
+    included (row 1), blank rows as []. Quotes are read strictly (csv module, strict=True): a
+    quote that never closes, or closes in the middle of a field, raises DataError naming the
+    row and the line where it opened, instead of running on to the next quote."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # long texts are legal
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting,
+                        strict=True)
+    n = 0
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            line = io.StringIO(text, newline="").readlines()[start - 1]
+            raise DataError(_quote_error(path, n + 1, start, reader.line_num, e, line)) from None
+        n += 1
+        yield n, start, reader.line_num, fields
+
+
+def _row_of_its_own(line, n_fields, delimiter, label_index, labels):
+    """Whether one physical line of a CSV reads as a whole row: the header's number of fields
+    (taking its quotes as quotes, or as ordinary characters) and, where `labels` are known, one
+    of them in the label column."""
+    for quoting in (csv.QUOTE_MINIMAL, csv.QUOTE_NONE):
+        fields = next(csv.reader([line.rstrip("\r\n")], delimiter=delimiter, quoting=quoting),
+                      [])
+        if len(fields) == n_fields and (label_index is None
+                                        or fields[label_index].strip() in labels):
+            return True
+    return False
+
+
+def _check_spanning_rows(path, rows, labels, lines, n_fields, delimiter, label_index):
+    """Refuse a CSV row whose quoted field runs over lines that each read as a row of their
+    own: a stray quote that swallowed the rows up to the next quote, which the csv module
+    takes as one row with the last line's label. `rows`: (row, first line, last line) of the
+    rows that span lines; `labels`: the file's labels; `lines`: the file's lines."""
+    if label_index is None and n_fields < 2:
+        return  # a file of texts alone: a line of text reads as a row whatever it holds
+    for n, start, end in rows:
+        for k in range(start, end):  # its lines but the last (that one closes the field)
+            if _row_of_its_own(lines[k - 1], n_fields, delimiter, label_index, labels):
+                raise DataError(
+                    f"{path} row {n} (line {start}): a quote opened in this row runs on to "
+                    f"line {end}, taking in line {k}, which reads as a row of its own "
+                    f"({lines[k - 1].strip()[:40]!r}); if the quote is part of the text, put "
+                    'the whole field in quotes and double each quote inside it (""), or remove '
+                    "it; a text that really holds line breaks can also go in a .jsonl file")
+
+
+def read_records(path, fmt=None, text_column="text", label_column="label", labelled=True,
+                 label_fix=None):
     """The rows of a .csv, .tsv or .jsonl file as Records, every one checked: a missing column,
     an empty text or label, a short or long row, a JSON line that is not an object each raise
-    DataError naming the file and the row. Blank lines are skipped; nothing else is dropped."""
+    DataError naming the file and the row. Blank lines are skipped; nothing else is dropped.
+
+    Quotes: a .csv is read as RFC 4180 has it (a quoted field may hold commas, line breaks and
+    doubled quotes), but a quote that never closes, closes inside a field, or runs over lines
+    that read as rows of their own is refused, naming the row where it opened: rows are never
+    merged. A .tsv is one row per line, its fields split at every tab, and quotes are ordinary
+    characters (as most TSV writers, spreadsheets' "tab-separated" exports among them, mean
+    them). Fields of any length are read. `label_fix`: the advice where the label column is
+    missing (default: pass --label-column)."""
     fmt = file_format(path, fmt)
     text = read_file_text(path)
     records = []
@@ -539,27 +638,43 @@ def read_records(path, fmt=None, text_column="text", label_column="label", label
             label = None
             if labelled:
                 key = _find_column(f"{path} line {n}", list(obj), label_column,
-                                   "--label-column", "label")
+                                   "--label-column", "label", label_fix)
                 label = _label_text(path, obj[key], "line", n)
             records.append(Record(n, t, label, "line"))
     else:
-        reader = csv.reader(io.StringIO(text, newline=""),
-                            delimiter="," if fmt == "csv" else "\t")
-        header = next(reader)
-        ti = _find_column(path, header, text_column, "--text-column", "text")
+        delimiter = "," if fmt == "csv" else "\t"
+        rows = _csv_rows(path, text, delimiter,
+                         csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE)
+        _, _, _, header = next(rows)
+        headerless = None
+        if _looks_like_data(header):
+            headerless = (f"its first row looks like data, not a header: add a first line "
+                          f"naming the columns ({text_column!r}), or pass --text-column NAME "
+                          "if that row is the header")
+        ti = _find_column(path, header, text_column, "--text-column", "text", headerless)
         ti = header.index(ti)
         li = None
         if labelled:
             li = header.index(_find_column(path, header, label_column, "--label-column",
-                                           "label"))
-        for n, fields in enumerate(reader, 2):
+                                           "label", label_fix))
+        spanning = []
+        for n, start, end, fields in rows:
             if not fields:
                 continue
             if len(fields) != len(header):
+                fix = (f"put quotes around a text that holds a comma or a line break"
+                       if fmt == "csv" else "a .tsv row is one line, split at every tab (quotes "
+                       "are ordinary characters there): take the tab or line break out of the "
+                       "text, or save the file as .csv or .jsonl")
                 raise DataError(f"{path} row {n} has {len(fields)} fields but the header has "
-                                f"{len(header)}; put quotes around a text that holds "
-                                f"{'a comma' if fmt == 'csv' else 'a tab'} or a line break")
+                                f"{len(header)}; {fix}")
             records.append(Record(n, fields[ti], None if li is None else fields[li].strip()))
+            if end > start:
+                spanning.append((n, start, end))
+        if spanning:
+            _check_spanning_rows(path, spanning, {r.label for r in records},
+                                 io.StringIO(text, newline="").readlines(), len(header),
+                                 delimiter, li)
     if not records:
         raise DataError(f"{path} has a header but no rows; add labelled rows")
     for r in records:
