@@ -13,6 +13,7 @@ Nothing here needs pandas: Python's csv module reads the raw file the way the ch
 import argparse
 import contextlib
 import csv
+import decimal
 import errno
 import functools
 import hashlib
@@ -24,6 +25,7 @@ import re
 import sys
 import tempfile
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
@@ -240,8 +242,7 @@ def read_raw_bytes(path):
         inside = path / RAW_NAME
         hint = f" (did you mean {inside}?)" if inside.is_file() else ""
         raise DataError(f"{path} is a folder; pass the data file itself{hint}")
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; pass the SMSSpamCollection file or its zip")
+    check_file(path, fix="pass the SMSSpamCollection file or its zip")
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"
     if is_zip or zipfile.is_zipfile(path):
@@ -662,7 +663,7 @@ def read_records(path, fmt=None, text_column="text", label_column="label", label
             if not fields:
                 continue
             if len(fields) != len(header):
-                fix = (f"put quotes around a text that holds a comma or a line break"
+                fix = ("put quotes around a text that holds a comma or a line break"
                        if fmt == "csv" else "a .tsv row is one line, split at every tab (quotes "
                        "are ordinary characters there): take the tab or line break out of the "
                        "text, or save the file as .csv or .jsonl")
@@ -691,6 +692,114 @@ def _is_int(label):
     return bool(re.fullmatch(r"[+-]?\d+", label))
 
 
+def _number(label):
+    """The label's value where it is a plain decimal number (1, 01, +1, 1.0, .5), else None."""
+    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)", label):
+        return decimal.Decimal(label)
+    return None
+
+
+def _whole(label):
+    """The label as an integer's text where it is a whole number ("01", "1.0" and "+1" are
+    "1"), else None."""
+    value = _number(label)
+    return str(int(value)) if value is not None and value == value.to_integral_value() else None
+
+
+def _label_key(label):
+    """What two labels that look alike share: a number's value, else the text in one case and
+    one Unicode form (True and true, a composed and a decomposed é)."""
+    value = _number(label)
+    return value if value is not None else unicodedata.normalize("NFC", label).casefold()
+
+
+def normalise_labels(records, path):
+    """The training file's labels, one spelling per class. Where every label is a whole number,
+    each becomes its integer (01, 1.0 and +1 are all the class 1). Otherwise two labels that
+    differ only in case, Unicode form or how a number is written (True/true, 1/1.0) would be
+    two classes that look like one: refused, naming a row of each."""
+    whole = [_whole(r.label) for r in records]
+    if all(whole):
+        for r, label in zip(records, whole):
+            r.label = label
+        return records
+    seen = {}
+    for r in records:
+        other = seen.setdefault(_label_key(r.label), r)
+        if other.label != r.label:
+            how = "how the number is written" if _number(r.label) is not None else "case"
+            raise DataError(f"{path}: the labels {other.label!r} ({other.where} {other.row}) and "
+                            f"{r.label!r} ({r.where} {r.row}) differ only in {how}, so they "
+                            "would be two classes; write each class one way")
+    return records
+
+
+def match_label(label, class_names):
+    """The class name that `label` (from a validation, test or scored file) stands for: itself,
+    or where the classes are whole numbers the class of its value (01 or 1.0 for 1); None where
+    it is no class."""
+    if label in class_names:
+        return label
+    whole = _whole(label)
+    if whole is not None and whole in class_names and all(map(_is_int, class_names)):
+        return whole
+    return None
+
+
+def unknown_label(path, record, class_names, what="is not a class of the training data",
+                  fix="fix the label, or add training rows of it"):
+    """The error for a row whose label is no class: the classes, and the one it looks like."""
+    known = ", ".join(map(repr, class_names))
+    alike = [c for c in class_names if _label_key(c) == _label_key(record.label)]
+    hint = f"; the class is written {alike[0]!r}" if alike else ""
+    return DataError(f"{path} {record.where} {record.row}: the label {record.label!r} {what} "
+                     f"({known}){hint}; {fix}")
+
+
+def parse_label_names(spec):
+    """--label-names 0=ham,1=spam as {label: name} (a whole-number label as its integer)."""
+    names = {}
+    for part in spec.split(","):
+        label, sep, name = (x.strip() for x in part.partition("="))
+        if not sep or not label or not name:
+            raise DataError(f"--label-names {spec!r}: {part.strip()!r} is not LABEL=NAME; write "
+                            "it as 0=ham,1=spam")
+        label = _whole(label) or label
+        if label in names:
+            raise DataError(f"--label-names {spec!r} names the label {label!r} twice; name "
+                            "each label once")
+        names[label] = name
+    return names
+
+
+def name_classes(class_names, spec, source):
+    """The class names with --label-names `spec` applied (each label it names shows as its
+    name), checked: every label it names is a class of `source`, and no two classes share a
+    name."""
+    names = parse_label_names(spec)
+    for label in names:
+        if label not in class_names:
+            raise DataError(f"--label-names names the label {label!r}, which {source} does not "
+                            f"have (its labels: {', '.join(map(repr, class_names))}); name only "
+                            "those")
+    named = [names.get(c, c) for c in class_names]
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        both = [repr(c) for c, n in zip(class_names, named) if n == twice[0]]
+        raise DataError(f"--label-names gives the name {twice[0]!r} to two classes "
+                        f"({', '.join(both)}); give each class its own name")
+    return named
+
+
+def file_labels(class_names, spec=None):
+    """The labels a file holds for each class, in class order: the class names themselves, or
+    under --label-names `spec` the label each name was given to."""
+    if not spec:
+        return list(class_names)
+    given = {name: label for label, name in parse_label_names(spec).items()}
+    return [given.get(c, c) for c in class_names]
+
+
 def class_order(labels, fixed=None):
     """Class names in id order: `fixed` (from --labels) where given; else numeric where every
     label is an integer, else by name."""
@@ -703,14 +812,6 @@ def class_order(labels, fixed=None):
     if distinct and all(_is_int(x) for x in distinct):
         return sorted(distinct, key=int)
     return sorted(distinct)
-
-
-def _canonical(records):
-    """Integer labels written alike ("01" and "1" are one class) where every label is one."""
-    if all(_is_int(r.label) for r in records):
-        for r in records:
-            r.label = str(int(r.label))
-    return records
 
 
 def stratified_split(rows, fracs, class_names, seed=SEED, source="the training file"):
@@ -728,10 +829,12 @@ def stratified_split(rows, fracs, class_names, seed=SEED, source="the training f
         counts = {name: max(1, int(n * f + 0.5)) for name, f in fracs.items()}
         if n - sum(counts.values()) < 1:
             names = " and ".join(["train", *fracs])
+            fewer = ("give the other splits as files (--val-file, --test-file), or ask for "
+                     "fewer splits (--test-frac 0)" if "test" in fracs else
+                     "give the validation rows as a file (--val-file)")
             raise DataError(
                 f"class {class_names[label]!r} has {n} row{'s' * (n != 1)} in {source}: too "
-                f"few to put one in each of {names}; add rows of it, or give the other splits "
-                "as files (--val-file, --test-file), or ask for fewer splits (--test-frac 0)")
+                f"few to put one in each of {names}; add rows of it, or {fewer}")
         order = [members[j] for j in rng.permutation(n)]
         for name, k in counts.items():
             out[name] += order[:k]
@@ -766,9 +869,11 @@ def file_source(path):
 
 
 def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="text",
-              label_column="label", labels=None, val_frac=None, test_frac=None, seed=SEED):
-    """A user's labelled files as labelled rows: every row checked, the class names ordered, and
-    the splits the files do not give cut from the training file (stratified, seeded)."""
+              label_column="label", labels=None, val_frac=None, test_frac=None, seed=SEED,
+              label_names=None):
+    """A user's labelled files as labelled rows: every row checked, the class names ordered
+    (and named, with --label-names), and the splits the files do not give cut from the training
+    file (stratified, seeded)."""
     if val_file is not None and val_frac is not None:
         raise DataError("--val-frac cuts validation from --train-file, but --val-file gives it; "
                         "drop one of the two")
@@ -789,10 +894,10 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
         raise DataError(f"--val-frac {val_frac} and --test-frac {test_frac} leave no rows to "
                         "train on; make their sum less than 1")
     kw = dict(fmt=fmt, text_column=text_column, label_column=label_column)
-    train = _canonical(read_records(train_file, **kw))
+    train = normalise_labels(read_records(train_file, **kw), train_file)
     fixed = None if labels is None else [x.strip() for x in labels.split(",")]
     if fixed is not None and all(_is_int(r.label) for r in train):
-        fixed = [str(int(x)) if _is_int(x) else x for x in fixed]
+        fixed = [_whole(x) or x for x in fixed]
     class_names = class_order([r.label for r in train], fixed)
     ids = {name: i for i, name in enumerate(class_names)}
     given = {"train": (train_file, train)}
@@ -802,14 +907,11 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
     splits = {}
     for name, (path, records) in given.items():
         for r in records:
-            if r.label not in ids and _is_int(r.label) and str(int(r.label)) in ids:
-                r.label = str(int(r.label))
-            if r.label not in ids:
-                known = ", ".join(map(repr, class_names))
-                where = ("is not in --labels" if fixed is not None and name == "train"
-                         else "is not a class of the training data")
-                raise DataError(f"{path} {r.where} {r.row}: the label {r.label!r} {where} "
-                                f"({known}); fix the label, or add training rows of it")
+            if match_label(r.label, class_names) is None:
+                raise unknown_label(path, r, class_names, "is not in --labels"
+                                    if fixed is not None and name == "train" else
+                                    "is not a class of the training data")
+            r.label = match_label(r.label, class_names)
         splits[name] = [(ids[r.label], r.text) for r in records]
     counts = [sum(label == i for label, _ in splits["train"]) for i in range(len(class_names))]
     empty = [c for c, n in zip(class_names, counts) if n == 0]
@@ -823,12 +925,18 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
     fracs = {name: f for name, f in (("validation", val_frac), ("test", test_frac))
              if f > 0 and name not in splits}
     if fracs:
+        n = len(splits["train"])
+        asked = {name: sum(int(c * f + 0.5) for c in counts) for name, f in fracs.items()}
         cut = stratified_split(splits.pop("train"), fracs, class_names, seed, str(train_file))
         splits = {"train": cut["train"], **{k: v for k, v in {**splits, **cut}.items()
                                             if k != "train"}}
-        notes.append(f"Split {train_file} by class (seed {seed}): "
-                     + ", ".join(f"{name} {f:g}" for name, f in fracs.items())
-                     + ", train the rest")
+        notes.append(f"Split {train_file} by class (seed {seed}): " + ", ".join(
+            f"{name} {f:g}" if len(cut[name]) == asked[name] else
+            f"{name} {len(cut[name]) / n:.2g} ({len(cut[name])} rows: {f:g} asked, and every "
+            "class keeps at least one row in each split)" for name, f in fracs.items())
+            + ", train the rest")
+    if label_names:
+        class_names = name_classes(class_names, label_names, train_file)
     splits = {name: splits[name] for name in SPLITS if name in splits}
     files = {flag: file_source(path) for flag, path in (
         ("train_file", train_file), ("val_file", val_file), ("test_file", test_file)) if path}
@@ -841,7 +949,8 @@ def load_labelled(cfg):
     get = (lambda name: cfg.get(name)) if isinstance(cfg, dict) else \
         (lambda name: getattr(cfg, name, None))
     if get("train_file") is None:
-        for flag in ("val_file", "test_file", "labels", "val_frac", "test_frac", "format"):
+        for flag in ("val_file", "test_file", "labels", "val_frac", "test_frac", "format",
+                     "label_names"):
             if get(flag) is not None:
                 raise DataError(f"--{flag.replace('_', '-')} goes with --train-file; give your "
                                 "training file too")
@@ -851,7 +960,8 @@ def load_labelled(cfg):
                         "give one of the two")
     return file_data(get("train_file"), get("val_file"), get("test_file"), get("format"),
                      get("text_column") or "text", get("label_column") or "label",
-                     get("labels"), get("val_frac"), get("test_frac"))
+                     get("labels"), get("val_frac"), get("test_frac"),
+                     label_names=get("label_names"))
 
 
 # ----------------------------------------------------------------------------- tokens

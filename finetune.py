@@ -47,6 +47,7 @@ class TrainConfig:
     text_column: str = "text"
     label_column: str = "label"
     labels: str = None
+    label_names: str = None  # 0=ham,1=spam: names for the labels, shown everywhere
     val_frac: float = None
     test_frac: float = None
     class_weights: str = None
@@ -165,6 +166,10 @@ class Diverged(Exception):
 def diverged(what, step, epoch, cfg):
     """Diverged for `what` (e.g. "the training loss is nan") at a step, with what to try."""
     tips = f"a smaller --lr (now {cfg.lr:g}) or --weight-decay (now {cfg.weight_decay:g})"
+    weights = class_weight_values(cfg.class_weights)
+    if isinstance(weights, list) and max(weights) > 1e6:  # their products overflow the loss
+        tips = (f"smaller --class-weights (now {cfg.class_weights}; only their ratios matter, "
+                f"so 1,4 weighs as 1e6,4e6 does), or {tips}")
     if cfg.precision == "fp16":
         tips += ", or --precision bf16 or fp32 (fp16 overflows where they do not)"
     return Diverged(f"{what} at step {step} (epoch {epoch + 1}): training diverged and was "
@@ -502,6 +507,10 @@ class RunFolder:
 
     def __exit__(self, kind, e, tb):
         if not self.made:
+            if type(e) in (ValueError, data.DataError, gpt.WeightsError):  # after "Run folder:"
+                made = f"nothing was written to {self.out}" if self.out.exists() else \
+                    f"nothing was written: the run folder {self.out} was not made"
+                raise type(e)(f"{e} ({made})") from e
             return False
         try:
             self.log.file.close()
@@ -1009,6 +1018,9 @@ def parse_args(argv=None):
                      help="the column (JSON key) holding the label, any case (default: label)")
     own.add_argument("--labels", metavar="A,B,C", help="the classes in this order (default: "
                      "numeric order where every label is an integer, else by name)")
+    own.add_argument("--label-names", metavar="0=ham,1=spam", help="a name for each label "
+                     "(integer labels, say), which run.json, evaluate.py and the page show "
+                     "(default: the labels themselves)")
     own.add_argument("--val-frac", type=float, metavar="X", help="share of each class cut "
                      "from --train-file for validation (default: 0.1; none with --val-file)")
     own.add_argument("--test-frac", type=float, metavar="X", help="share of each class cut "
