@@ -926,14 +926,13 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
              if f > 0 and name not in splits}
     if fracs:
         n = len(splits["train"])
-        asked = {name: sum(int(c * f + 0.5) for c in counts) for name, f in fracs.items()}
         cut = stratified_split(splits.pop("train"), fracs, class_names, seed, str(train_file))
         splits = {"train": cut["train"], **{k: v for k, v in {**splits, **cut}.items()
                                             if k != "train"}}
         notes.append(f"Split {train_file} by class (seed {seed}): " + ", ".join(
-            f"{name} {f:g}" if len(cut[name]) == asked[name] else
-            f"{name} {len(cut[name]) / n:.2g} ({len(cut[name])} rows: {f:g} asked, and every "
-            "class keeps at least one row in each split)" for name, f in fracs.items())
+            f"{name} {f:g}" if abs(len(cut[name]) / n - f) < 0.01 else
+            f"{name} {len(cut[name]) / n:.2g} ({len(cut[name])} rows: {f:g} asked, but each "
+            "class's share is whole rows, at least one)" for name, f in fracs.items())
             + ", train the rest")
     if label_names:
         class_names = name_classes(class_names, label_names, train_file)
