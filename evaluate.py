@@ -131,8 +131,9 @@ def load_run(run_dir, device):
                            "finetune.py: fine-tune it first (python finetune.py --weights "
                            f"{run_dir} ...), then pass that run's folder as --run")
         if not (run_dir / "log.txt").is_file():
-            raise RunError(f"{run_dir} is not a run folder of finetune.py (it has no run.json "
-                           "or log.txt); pass a run folder, such as runs/<timestamp>")
+            raise RunError(f"{run_dir} is not a finished run of finetune.py, nor one that "
+                           "started (no run.json, no log.txt); pass a run folder, such as "
+                           "runs/<timestamp>")
         raise RunError(f"{run_dir} is not a finished run (no run.json): its training did not "
                        "finish; run finetune.py again or pass another --run")
     try:

@@ -290,7 +290,8 @@ def test_a_model_folder_as_run_is_named_a_model_folder(tiny_hf_dir, tmp_path):
     assert "did not finish" not in message and f"--weights {folder}" in message
     (tmp_path / "empty").mkdir()
     message = error_of(evaluate, ["--run", tmp_path / "empty", "--text", "hi"])
-    assert "is not a run folder of finetune.py" in message and "did not finish" not in message
+    assert "is not a finished run of finetune.py, nor one that started" in message
+    assert "did not finish" not in message
 
 
 def test_output_extension_and_tsv_output(named_run, tmp_path):
