@@ -82,6 +82,7 @@ def load_run(run_dir, device):
     checking by sha256 that they are the very ones the run started from."""
     run_dir = Path(run_dir)
     info = files.read_run_info(run_dir, [f.name for f in dataclasses.fields(gpt.GPTConfig)])
+    check_run_choices(info, run_dir / "run.json")
     try:
         model = gpt.GPTModel(gpt.config_from_dict(info["model"]))
     except (ValueError, KeyError, TypeError) as e:
@@ -122,6 +123,25 @@ def load_run(run_dir, device):
     if dtype is torch.float16 and device.type != "cuda":
         dtype = torch.bfloat16  # fp16 autocast is a CUDA thing; bf16 has the range it lacks
     return inference_classifier(model, info, dtype), info
+
+
+def check_run_choices(info, where):
+    """Refuse a run.json (`where`) whose token position or padding is unknown, or whose two
+    contradict each other as finetune.py's check_config refuses them on the command line."""
+    position, padding = info["token_position"], info["padding"]
+    fix = "put it back as finetune.py wrote it, or train the run again"
+    if position not in ("last", "first", "flexible"):
+        raise files.RunError(f"{where}: token_position {position!r} is not last, first or "
+                             f"flexible; {fix}")
+    if padding not in (True, False, "batch"):
+        raise files.RunError(f"{where}: padding {padding!r} is not true, false or \"batch\"; "
+                             f"{fix}")
+    if padding == "batch" and (info["average_embeddings"] or position == "last"):
+        what = "average_embeddings true" if info["average_embeddings"] else \
+            'token_position "last"'
+        raise files.RunError(f"{where}: padding \"batch\" pads each batch only to its own "
+                             f"longest text, so {what} would depend on the batch (finetune.py "
+                             f"refuses the pair); {fix}")
 
 
 def inference_classifier(model, info, autocast_dtype=None, fast=True):
@@ -296,22 +316,23 @@ def run_columns(info, args):
 def evaluate_file(path, classifier, info, device, args):
     """class_scores over a labelled file, read with the run's columns and format rules."""
     fmt, text_column, label_column = run_columns(info, args)
-    records = data.read_records(path, fmt, text_column, label_column)
-    ids = {name: i for i, name in enumerate(info["class_names"])}
+    records = data.read_records(path, fmt, text_column, label_column, label_fix=(
+        f"a file without labels is classified with --predict {path} --output OUT; or pass "
+        "--label-column NAME if its labels are in another column"))
+    names = info["class_names"]
+    labels = data.file_labels(names, info.get("flags", {}).get("label_names"))
     rows = []
-    for r in records:
-        label = r.label
-        if label not in ids and data._is_int(label) and str(int(label)) in ids:
-            label = str(int(label))
-        if label not in ids:
-            raise data.DataError(
-                f"{path} {r.where} {r.row}: the label {r.label!r} is not a class of the run "
-                f"({', '.join(map(repr, info['class_names']))}); fix the label")
-        rows.append((ids[label], r.text))
+    for r in records:  # a label as the file holds it (0), or the name --label-names gave it
+        label = r.label if r.label in names else data.match_label(r.label, labels)
+        if label is None:
+            raise data.unknown_label(path, r, labels, "is not a class of the run",
+                                     "fix the label")
+        rows.append((names.index(label) if label in names else labels.index(label), r.text))
     return scores_of(rows, classifier, info, device, data.get_tokenizer())
 
 
 SPLIT_TITLES = {"train": "Training", "validation": "Validation", "test": "Test"}
+MAX_MATRIX = 20  # classes up to which the confusion matrix is printed (--json always has it)
 
 
 def print_scores(results, class_names):
@@ -335,19 +356,33 @@ def print_scores(results, class_names):
             v = r["per_class"][c]
             print(f"{c:<{cw}} {v['precision']:>9.4f} {v['recall']:>7.4f} {v['f1']:>7.4f} "
                   f"{v['support']:>8}")
+        if len(class_names) > MAX_MATRIX:
+            print(f"{name}: confusion matrix not printed ({len(class_names)} classes, over "
+                  f"{MAX_MATRIX}); --json PATH writes it whole")
+            continue
         print(f"{name}: confusion (rows: true class, columns: predicted class)")
         print(f"{'':<{cw}}" + "".join(f" {c:>{cw}}" for c in class_names))
         for c, row in zip(class_names, r["confusion"]):
             print(f"{c:<{cw}}" + "".join(f" {v:>{cw}}" for v in row))
 
 
+def output_format(out_path):
+    """csv, tsv or jsonl: the format --predict writes, from --output's extension."""
+    ext = Path(out_path).suffix.lower().lstrip(".")
+    if ext not in data.FORMATS:
+        raise ValueError(f"--output {out_path}: the extension sets what --predict writes; name "
+                         "it .csv, .tsv or .jsonl")
+    return ext
+
+
 def write_predictions(path, out_path, classifier, info, device, args):
     """For each row of `path`: its row id, the predicted class name and one probability column
-    per class name, written to `out_path` (.csv or .jsonl by its extension), atomically."""
+    per class name, written to `out_path` (.csv, .tsv or .jsonl by its extension), atomically."""
     fmt, text_column, _ = run_columns(info, args)
-    out_fmt = data.file_format(out_path)
-    if out_fmt == "tsv":
-        raise ValueError(f"--output {out_path}: write predictions to a .csv or .jsonl file")
+    out_fmt = output_format(out_path)
+    if out_fmt == "tsv" and any(set(n) & set("\t\r\n") for n in info["class_names"]):
+        raise ValueError(f"--output {out_path}: a class name holds a tab or a line break, which "
+                         "a .tsv row cannot; write .csv or .jsonl")
     if Path(out_path).resolve() == Path(path).resolve():
         raise ValueError("--output is the --predict file itself; name another file")
     if Path(out_path).exists() and not args.overwrite:
@@ -366,7 +401,8 @@ def write_predictions(path, out_path, classifier, info, device, args):
             buf.write(json.dumps({r.where: r.row, "predicted": top_k(p)[0][0],
                                   "probabilities": p}, ensure_ascii=False) + "\n")
     else:
-        writer = csv.writer(buf, lineterminator="\n")
+        tsv = {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "quotechar": None}  # as read
+        writer = csv.writer(buf, lineterminator="\n", **(tsv if out_fmt == "tsv" else {}))
         writer.writerow([records[0].where, "predicted", *names])
         for r, p in zip(records, probs):
             writer.writerow([r.row, top_k(p)[0][0], *(f"{p[n]:.6f}" for n in names)])
@@ -608,9 +644,9 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write those scores to PATH as JSON")
     p.add_argument("--predict", metavar="FILE", help="classify every row of FILE (its text "
                    "column; labels not needed) and write the results to --output")
-    p.add_argument("--output", metavar="PATH", help="where --predict writes: .csv or .jsonl, "
-                   "one row per input row: its row id, the predicted class, one probability "
-                   "per class")
+    p.add_argument("--output", metavar="PATH", help="where --predict writes: .csv, .tsv or "
+                   ".jsonl, one row per input row: its row id, the predicted class, one "
+                   "probability per class")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--text", action="append", default=[], metavar="TEXT",
                    help="a text to classify (repeat for more)")
@@ -649,9 +685,11 @@ def main(argv=None):
         if args.top_k < 1:
             raise ValueError("--top-k must be 1 or more")
         if args.predict and not args.output:
-            raise ValueError("--predict needs --output PATH (.csv or .jsonl) to write to")
+            raise ValueError("--predict needs --output PATH (.csv, .tsv or .jsonl) to write to")
         if args.output and not args.predict:
             raise ValueError("--output is where --predict writes; give --predict FILE too")
+        if args.output:
+            output_format(args.output)
         if args.json and not (args.all_splits or args.file):
             raise ValueError("--json writes the scores of --all-splits or --file; ask for one")
         texts = list(args.text) + (read_stdin() if args.stdin else [])

@@ -392,6 +392,10 @@ class RunFolder:
 
     def __exit__(self, kind, e, tb):
         if not self.made:
+            if type(e) in (ValueError, DataError, *self.errors):  # after "Run folder:" was said
+                made = f"nothing was written to {self.out}" if self.out.exists() else \
+                    f"nothing was written: the run folder {self.out} was not made"
+                raise type(e)(f"{e} ({made})") from e
             return False
         try:
             self.log.file.close()
@@ -525,6 +529,14 @@ def read_run_info(run_dir, model_fields=()):
         raise RunError(f"--run {run_dir} is not a folder; pass a run folder made by "
                        f"finetune.py{hint}")
     if not (run_dir / "run.json").is_file():
+        if (run_dir / "config.json").is_file():
+            raise RunError(f"{run_dir} is a model folder (config.json), not a run of "
+                           "finetune.py: fine-tune it first (python finetune.py --weights "
+                           f"{run_dir} ...), then pass that run's folder as --run")
+        if not (run_dir / "log.txt").is_file():
+            raise RunError(f"{run_dir} is not a finished run of finetune.py, nor one that "
+                           "started (no run.json, no log.txt); pass a run folder, such as "
+                           "runs/<timestamp>")
         raise RunError(f"{run_dir} is not a finished run (no run.json): its training did not "
                        "finish; run finetune.py again or pass another --run")
     try:

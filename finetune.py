@@ -70,6 +70,9 @@ class TrainConfig:
                                "holding the label, any case (default: {default})")
     labels: str = option(group=OWN, metavar="A,B,C", help="the classes in this order (default: "
                          "numeric order where every label is an integer, else by name)")
+    label_names: str = option(group=OWN, metavar="0=ham,1=spam", help="a name for each label "
+                              "(integer labels, say), which run.json, evaluate.py and the page "
+                              "show (default: the labels themselves)")
     val_frac: float = option(group=OWN, type=float, metavar="X", help="share of each class "
                              "cut from --train-file for validation (default: 0.1; none with "
                              "--val-file)")
@@ -325,6 +328,10 @@ class Diverged(Exception):
 def diverged(what, step, epoch, cfg):
     """Diverged for `what` (e.g. "the training loss is nan") at a step, with what to try."""
     tips = f"a smaller --lr (now {cfg.lr:g}) or --weight-decay (now {cfg.weight_decay:g})"
+    weights = class_weight_values(cfg.class_weights)
+    if isinstance(weights, list) and max(weights) > 1e6:  # their products overflow the loss
+        tips = (f"smaller --class-weights (now {cfg.class_weights}; only their ratios matter, "
+                f"so 1,4 weighs as 1e6,4e6 does), or {tips}")
     if cfg.precision == "fp16":
         tips += ", or --precision bf16 or fp32 (fp16 overflows where they do not)"
     return Diverged(f"{what} at step {step} (epoch {epoch + 1}): training diverged and was "

@@ -78,19 +78,24 @@ def test_each_format_reads_the_same_rows(tmp_path):
     rows = [("a", 'a text, with "quotes"'), ("b", "tab\tinside"), ("a", "line\nbreak"),
             ("b", "caf\u00e9 \u2603")]
     as_csv = write_csv(tmp_path / "d.csv", rows)
-    as_tsv = write_csv(tmp_path / "d.tsv", rows, delimiter="\t")
     as_jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
     expected = [(y, t) for y, t in rows]
-    for path in (as_csv, as_tsv, as_jsonl):
+    for path in (as_csv, as_jsonl):
         records = data.read_records(path)
         assert [(r.label, r.text) for r in records] == expected, path
+    # a .tsv row is one line split at tabs, its quotes ordinary characters (issue 20)
+    tsv_rows = [(y, t) for y, t in rows if not set(t) & set("\t\n")]
+    as_tsv = tmp_path / "d.tsv"
+    as_tsv.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for y, t in tsv_rows),
+                      encoding="utf-8")
+    assert [(r.label, r.text) for r in data.read_records(as_tsv)] == tsv_rows
     # rows are numbered as a spreadsheet shows them (header = row 1); JSON lines by line
     assert [r.row for r in data.read_records(as_csv)] == [2, 3, 4, 5]
     assert [r.row for r in data.read_records(as_jsonl)] == [1, 2, 3, 4]
     # --format overrides the extension
     other = tmp_path / "d.txt"
     other.write_bytes(as_tsv.read_bytes())
-    assert [(r.label, r.text) for r in data.read_records(other, "tsv")] == expected
+    assert [(r.label, r.text) for r in data.read_records(other, "tsv")] == tsv_rows
 
 
 def test_columns_match_any_case_and_a_byte_order_mark(tmp_path):
