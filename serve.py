@@ -34,6 +34,7 @@ import data
 MAX_TEXTS = 64  # texts in one request
 MAX_BODY = 1 << 20  # 1 MiB: a request's body
 REQUEST_TIMEOUT = 30.0  # seconds from a request's first byte to its last (headers and body)
+LINGER = 2.0  # seconds a refused client's remaining bytes are read and dropped before closing
 IDLE_TIMEOUT = 60  # seconds a keep-alive connection may wait for its next request
 PAGE = Path(__file__).resolve().with_name("serve.html")
 TOKEN_ENV = "GPT2_CLASSIFY_TOKEN"
@@ -248,13 +249,29 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
         self.rfile.close()
         self.rfile = RequestReader(self.connection, self.server.stop_signal)
 
+    def finish(self):
+        """After refusing a request whose bytes may still be coming, close gently: stop
+        writing, then read and drop what arrives for a moment, so that the client reads the
+        answer instead of a reset connection (a "lingering close")."""
+        if getattr(self, "linger", False):
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                end = time.monotonic() + LINGER
+                while (left := end - time.monotonic()) > 0:
+                    self.connection.settimeout(left)
+                    if not self.connection.recv(1 << 16):
+                        break
+            except OSError:
+                pass
+        super().finish()
+
     def handle_one_request(self):
         """One request, as http.server's, but within its deadline and with every answer JSON."""
         if not self.rfile.wait_for_request(self.timeout, self.server.settings.request_timeout):
             self.close_connection = True  # idle too long, closed, or the server stops
             return
         self.requestline, self.command, self.request_version = "", "", "HTTP/1.1"
-        self.answered, self.extra_headers = False, {}
+        self.answered, self.extra_headers, self.linger = False, {}, False
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if not self.raw_requestline:
@@ -272,7 +289,7 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
                 return
             answer()
         except TimeoutError:
-            self.close_connection = True
+            self.close_connection = self.linger = True
             if not self.answered:
                 self._send_json(408, {"error": "the request did not arrive whole within "
                                       f"{self.server.settings.request_timeout:g} s; send it "
@@ -289,11 +306,16 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
         try:
             body = self._read_body(method, path)
             self._check_host()
-            origin = self._check_origin()
             if path not in ROUTES:
                 raise RequestError(404, f"there is no {path}; try GET /, GET /health or "
                                    "POST /classify")
             allowed = ROUTES[path]
+            if (method, path) == ("POST", "/classify") and \
+                    self.headers.get_content_type() != "application/json":
+                # What a page on another site can send without asking first (a form, text/plain).
+                raise RequestError(415, "send the body as Content-Type: application/json, not "
+                                   f"{self.headers.get('Content-Type', 'none')}")
+            origin = self._check_origin()
             if method == "OPTIONS" and origin and \
                     self.headers.get("Access-Control-Request-Method"):
                 return self._preflight(allowed)
@@ -310,6 +332,7 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
                 self._classify(body)
         except RequestError as e:
             self.close_connection = self.close_connection or e.close
+            self.linger = self.linger or e.close
             self._send_json(e.status, {"error": str(e)}, e.headers)
         except TimeoutError:
             raise  # handle_one_request answers it: the connection is out of step
@@ -337,12 +360,7 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
         if not re.fullmatch(r"[0-9]+", value):
             raise RequestError(400, f"Content-Length {value!r} is not a byte count", close=True)
         length = int(value)
-        if length > MAX_BODY:
-            # Read what was sent (within reason and the deadline) so that the client sees the
-            # answer rather than a reset connection, then close.
-            left = min(length, 16 * MAX_BODY)
-            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-                left -= len(chunk)
+        if length > MAX_BODY:  # answered at once; the lingering close drops what was sent
             raise RequestError(413, f"the body is over {MAX_BODY} bytes; send fewer or shorter "
                                "texts per request", close=True)
         body = self.rfile.read(length)
@@ -407,9 +425,6 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
     # --- the answer
 
     def _classify(self, body):
-        if self.headers.get_content_type() != "application/json":
-            raise RequestError(415, "send the body as Content-Type: application/json, not "
-                               f"{self.headers.get('Content-Type', 'none')}")
         texts = parse_texts(body)
         srv = self.server
         try:
@@ -424,7 +439,7 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a malformed request line or header), as JSON."""
-        self.close_connection = True
+        self.close_connection = self.linger = True
         self._send_json(code, {"error": message or self.responses.get(code, ("",))[0]})
 
     def _send_json(self, status, obj, headers=()):
@@ -435,6 +450,8 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
         if self.server.stopping:
             self.close_connection = True
         self.answered = True
+        if self.request_version == "HTTP/0.9":  # (http.server's default while it parses)
+            self.request_version, self.close_connection = "HTTP/1.0", True  # a status line too
         self.connection.settimeout(self.timeout)
         self.log_message('"%s" %s %s', self.requestline, status, note or len(body))
         self.send_response_only(status)
