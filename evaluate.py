@@ -6,7 +6,7 @@ texts (`classify_review`, the chapter's section 6.8), and serving it over HTTP.
     python evaluate.py --run DIR --text "You are a winner you have been specially selected..."
     python evaluate.py --run DIR --predict new.csv --output predictions.csv
     cat messages.txt | python evaluate.py --run DIR --stdin
-    python evaluate.py --run DIR --serve
+    python evaluate.py --run DIR --serve     # a page and a JSON API: serve.py
 
 A run trained on a GPU evaluates on a CPU (or anywhere else) with the same numbers.
 """
@@ -14,13 +14,9 @@ A run trained on a GPU evaluates on a CPU (or anywhere else) with the same numbe
 import argparse
 import csv
 import dataclasses
-import html
-import http.server
 import io
 import json
 import sys
-import threading
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +25,7 @@ import data
 import ddp
 import files
 import gpt
+import serve
 import shortcuts
 
 
@@ -410,223 +407,6 @@ def write_predictions(path, out_path, classifier, info, device, args):
     return len(records)
 
 
-# ----------------------------------------------------------------------------------- serving a run
-# `--serve`: a page to try the run by hand and a JSON API for programs, on the standard
-# library's threaded HTTP server. One request classifies up to MAX_TEXTS texts; its body may be
-# up to MAX_BODY bytes. The model runs under inference_mode, one request at a time (a lock).
-
-MAX_TEXTS = 64
-MAX_BODY = 1 << 20  # 1 MiB
-PAGE = Path(__file__).resolve().with_name("serve.html")
-
-
-def class_probabilities(texts, classifier, tokenizer, info, device, lock=None):
-    """(predict_proba's {class: probability} per text, truncated flags): a text is `truncated`
-    when it has more tokens than the run's max_length, so that only its beginning was classified,
-    as in training. `lock`, if given, is held around the model's work. A text the tokenizer
-    refuses raises ValueError naming it as texts[i]."""
-    max_length = min(info["max_length"], classifier.gpt.cfg.context_length)
-    truncated = []
-    for i, text in enumerate(texts):
-        try:
-            truncated.append(len(data.encode(text, tokenizer, pad=False)) > max_length)
-        except ValueError as e:  # e.g. tiktoken refuses "<|endoftext|>" inside a text
-            raise ValueError(f"texts[{i}] cannot be tokenized: {str(e).splitlines()[0]}") from e
-    with lock or nullcontext(), torch.inference_mode():
-        probs = predict_proba(texts, classifier, info, device, tokenizer, batch_size=32)
-    return probs, truncated
-
-
-class RequestError(Exception):
-    """A bad request: answered with `status` and {"error": message}; the server goes on."""
-
-    def __init__(self, status, message, headers=()):
-        super().__init__(message)
-        self.status, self.headers = status, dict(headers)
-
-
-def parse_texts(body):
-    """The texts of a /classify body, or a RequestError that says what to send instead."""
-    usage = 'send {"texts": ["a message", ...]}'
-    try:
-        request = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RequestError(400, f"the body is not UTF-8 text; {usage}") from None
-    except ValueError as e:
-        raise RequestError(400, f"the body is not valid JSON ({e}); {usage}") from None
-    if not isinstance(request, dict) or "texts" not in request:
-        raise RequestError(400, f'the body has no "texts"; {usage}')
-    texts = request["texts"]
-    if not isinstance(texts, list):
-        raise RequestError(400, f'"texts" must be a list of strings; {usage}')
-    if not texts:
-        raise RequestError(400, f'"texts" is empty; {usage}')
-    if len(texts) > MAX_TEXTS:
-        raise RequestError(400, f'{len(texts)} texts is more than the {MAX_TEXTS} one request '
-                           "may hold; split them over several requests")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise RequestError(400, f"texts[{i}] is not a string; {usage}")
-        if not text.strip():
-            raise RequestError(400, f"texts[{i}] is empty; give a message to classify")
-    return texts
-
-
-class ServeHandler(http.server.BaseHTTPRequestHandler):
-    """GET / (the page), GET /health, POST /classify; everything else a JSON 404 or 405."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive: a client may send many requests on one connection
-    server_version = "gpt2-classify"
-    timeout = 60  # seconds a silent client may hold its connection (and a thread)
-
-    def do_GET(self):  # noqa: N802 (the names http.server calls)
-        self._route("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._route("POST")
-
-    def do_PUT(self):  # noqa: N802
-        self._route("PUT")
-
-    def do_DELETE(self):  # noqa: N802
-        self._route("DELETE")
-
-    def _route(self, method):
-        routes = {"/": ("GET", self._page), "/health": ("GET", self._health),
-                  "/classify": ("POST", self._classify)}
-        path = self.path.split("?", 1)[0].split("#", 1)[0]
-        try:
-            if path not in routes:
-                self._drain()
-                raise RequestError(404, f"there is no {path}; try GET /, GET /health or "
-                                   "POST /classify")
-            allowed, answer = routes[path]
-            if method != allowed:
-                self._drain()
-                raise RequestError(405, f"{path} takes {allowed}, not {method}",
-                                   {"Allow": allowed})
-            answer()
-        except RequestError as e:
-            self._send_json(e.status, {"error": str(e)}, e.headers)
-        except (BrokenPipeError, ConnectionResetError):  # the client went away
-            self.close_connection = True
-        except Exception as e:  # a bug, not the client's fault: say so and keep serving
-            self.log_error("error on %s %s: %r", method, path, e)
-            self._send_json(500, {"error": f"the server failed on this request ({e!r})"})
-
-    def _drain(self):
-        """Read and drop a body sent with a request that will not use it, so the connection
-        stays in step (up to MAX_BODY; more and the connection is closed after the answer)."""
-        length = self._content_length(required=False)
-        if length > MAX_BODY:
-            self.close_connection = True
-        else:
-            self.rfile.read(length)
-
-    def _content_length(self, required=True):
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise RequestError(411, "send the body with a Content-Length, not chunked")
-        value = self.headers.get("Content-Length")
-        if value is None:
-            if required:
-                self.close_connection = True
-                raise RequestError(411, 'send a body with a Content-Length: {"texts": [...]}')
-            return 0
-        if not value.isdigit():
-            self.close_connection = True
-            raise RequestError(400, f"Content-Length {value!r} is not a byte count")
-        return int(value)
-
-    def _page(self):
-        self._send(200, self.server.page, "text/html; charset=utf-8")
-
-    def _health(self):
-        self._send_json(200, {"status": "ok", **self.server.about})
-
-    def _classify(self):
-        length = self._content_length()
-        if length > MAX_BODY:
-            # Read what was sent (within reason) so that the client sees the answer rather than
-            # a reset connection, then close.
-            self.close_connection = True
-            while 0 < length <= 16 * MAX_BODY:
-                chunk = self.rfile.read(min(length, 1 << 16))
-                length = length - len(chunk) if chunk else 0
-            raise RequestError(413, f"the body is over {MAX_BODY} bytes; send fewer or shorter "
-                               "texts per request")
-        body = self.rfile.read(length)
-        if len(body) < length:
-            self.close_connection = True
-            raise RequestError(400, "the body ended before its Content-Length")
-        texts = parse_texts(body)
-        srv = self.server
-        try:
-            probs, truncated = class_probabilities(texts, srv.classifier, srv.tokenizer,
-                                                   srv.info, srv.device, lock=srv.model_lock)
-        except ValueError as e:
-            raise RequestError(400, str(e)) from None
-        self._send_json(200, {"predictions": [
-            {"label": top_k(p)[0][0], "probabilities": p, "truncated": cut}
-            for p, cut in zip(probs, truncated)]})
-
-    def _send_json(self, status, obj, headers=()):
-        self._send(status, json.dumps(obj).encode() + b"\n", "application/json", headers)
-
-    def _send(self, status, body, content_type, headers=()):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in dict(headers).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format, *args):
-        if self.server.log:
-            super().log_message(format, *args)
-
-
-def make_server(classifier, info, device, run_name, host="127.0.0.1", port=8000, log=True):
-    """A ThreadingHTTPServer serving one run (not started: call its serve_forever)."""
-    server = http.server.ThreadingHTTPServer((host, port), ServeHandler)
-    server.daemon_threads = True
-    server.classifier, server.info, server.device, server.log = classifier, info, device, log
-    server.tokenizer, server.model_lock = data.get_tokenizer(), threading.Lock()
-    server.about = {"run": run_name, "classes": list(info["class_names"]),
-                    "device": str(device), "max_length": info["max_length"],
-                    "max_texts": MAX_TEXTS, "max_body_bytes": MAX_BODY}
-    fill = {"run": run_name, "classes": ", ".join(info["class_names"]), "device": str(device),
-            "max_length": str(info["max_length"])}
-    page = PAGE.read_text(encoding="utf-8")
-    for key, value in fill.items():
-        page = page.replace("{{" + key + "}}", html.escape(value))
-    server.page = page.encode()
-    return server
-
-
-def serve(run_dir, classifier, info, device, host="127.0.0.1", port=8000):
-    """Serve until Ctrl-C, then close the socket and return."""
-    try:
-        server = make_server(classifier, info, device, Path(run_dir).resolve().name, host, port)
-    except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another "
-                         "--port (0 picks a free one) or --host") from e
-    shown = f"[{server.server_address[0]}]" if ":" in server.server_address[0] else \
-        server.server_address[0]
-    print(f"Serving {run_dir} (classes: {', '.join(info['class_names'])}; device: {device}) "
-          f"at http://{shown}:{server.server_address[1]}/  (Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("Stopped.", flush=True)
-    finally:
-        server.server_close()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Scores of a fine-tuned run on its splits or on a "
                                 "labelled file, or its classes for new texts.")
@@ -662,13 +442,7 @@ def main(argv=None):
                    "(default: the run's)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
                    help="where to run (default: cpu)")
-    p.add_argument("--serve", action="store_true",
-                   help="serve the run: a web page at / and a JSON API at /classify, until Ctrl-C")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="the address --serve listens on (default: 127.0.0.1, this machine only; "
-                   "0.0.0.0 for every network the machine is on)")
-    p.add_argument("--port", type=int, default=8000,
-                   help="the port --serve listens on (default: 8000; 0 picks a free one)")
+    serve.add_arguments(p)
     args = p.parse_args(argv)
     if not (args.all_splits or args.file or args.predict or args.text or args.stdin
             or args.serve):
@@ -677,8 +451,6 @@ def main(argv=None):
     if args.serve and (args.all_splits or args.file or args.predict or args.text or args.stdin):
         p.error("--serve runs alone: leave out --all-splits, --file, --predict, --text and "
                 "--stdin")
-    if not 0 <= args.port <= 65535:
-        p.error(f"--port {args.port} is not a port; give 0 to 65535 (0 picks a free one)")
     try:
         if any(not t.strip() for t in args.text):
             raise ValueError("a --text is empty; give a message to classify")
@@ -693,13 +465,14 @@ def main(argv=None):
         if args.json and not (args.all_splits or args.file):
             raise ValueError("--json writes the scores of --all-splits or --file; ask for one")
         texts = list(args.text) + (read_stdin() if args.stdin else [])
+        serving = serve.settings(args) if args.serve else None
         if args.run is None:
             args.run = files.latest_run()
             print(f"Using the most recent finished run: {args.run}", file=sys.stderr)
         device = ddp.select_device(args.device)
         classifier, info = load_run(args.run, device)
         if args.serve:
-            return serve(args.run, classifier, info, device, args.host, args.port)
+            return serve.serve(args.run, classifier, info, device, predict_proba, serving)
         names = info["class_names"]
         report = {}
         if args.all_splits:

@@ -23,6 +23,7 @@ import torch
 
 import evaluate
 import gpt
+import serve
 
 TEXTS = [
     "Are we still on for dinner tonight? I'll be there around 7, let me know if that's ok.",
@@ -49,8 +50,8 @@ def served(request, sizes):
     info = {"class_names": ["not spam", "spam"], "max_length": sizes.tokens, "padding": True,
             "batch_size": 8}
     classifier = evaluate.inference_classifier(model, info)  # as evaluate.load_run makes it
-    server = evaluate.make_server(classifier, info, device, f"random-{request.param}", port=0,
-                                  log=False)
+    server = serve.make_server(classifier, info, device, f"random-{request.param}", port=0,
+                               log=False, predict=evaluate.predict_proba)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
@@ -121,8 +122,9 @@ def test_classify_without_http(benchmark, served, sizes, n_texts):
     texts = [TEXTS[i % len(TEXTS)] for i in range(n_texts)]
 
     def call():
-        probs, _ = evaluate.class_probabilities(texts, server.classifier, server.tokenizer,
-                                                server.info, device, lock=server.model_lock)
+        probs, _ = serve.class_probabilities(texts, server.classifier, server.tokenizer,
+                                             server.info, device, server.predict,
+                                             lock=server.model_lock)
         assert len(probs) == n_texts
 
     slow = n_texts > 1 and device.type == "cpu" and not sizes.tiny

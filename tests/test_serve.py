@@ -1,7 +1,8 @@
-"""`evaluate.py --serve`: the JSON API through the standard library's client, the page in a real
-headless browser, and the command line (the URL it prints, Ctrl-C).
+"""`evaluate.py --serve` (serve.py): the JSON API through the standard library's client, the
+page in a real headless browser, and the command line (the URL it prints, Ctrl-C).
 
-One tiny run made by finetune.py is served on 127.0.0.1 for the whole module. The browser tests
+One tiny run made by finetune.py on a small SMS file the tests write is served on 127.0.0.1 for
+the whole module. The browser tests
 need Chromium and its driver from the system packages (Debian: apt-get install chromium
 chromium-driver) and the selenium package (the test extra); without them they skip, saying so.
 """
@@ -27,6 +28,7 @@ import data
 import ddp
 import evaluate
 import finetune
+import serve
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = "Are we still on for dinner tonight? I'll be there around 7."
@@ -36,15 +38,16 @@ SPAM = "WINNER!! You have been selected to receive a $1000 prize. Call 090617014
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_weights, raw_path):
-    """A finished run of finetune.py: the tiny checkpoint, a few steps on the real data."""
+def tiny_run(tmp_path_factory, tiny_weights, small_raw_path):
+    """A finished run of finetune.py: the tiny checkpoint, a few steps on a small SMS file the
+    tests make (conftest's small_raw_path), so that serving is tested without the real data."""
     out = tmp_path_factory.mktemp("serve") / "tiny-run"
     with pytest.MonkeyPatch.context() as mp:
         import io
         mp.setattr(sys, "stdout", io.StringIO())
-        finetune.main(["--weights", str(tiny_weights), "--data", str(raw_path), "--output-dir",
-                       str(out), "--device", "cpu", "--epochs", "1", "--max-steps", "3",
-                       "--no-initial-eval"])
+        finetune.main(["--weights", str(tiny_weights), "--data", str(small_raw_path),
+                       "--output-dir", str(out), "--device", "cpu", "--epochs", "1",
+                       "--max-steps", "3", "--no-initial-eval"])
     return out
 
 
@@ -59,7 +62,8 @@ def loaded(tiny_run):
 def server(loaded, tiny_run):
     """The run served on 127.0.0.1 (a free port) in a background thread; its base URL."""
     classifier, info, device = loaded
-    srv = evaluate.make_server(classifier, info, device, tiny_run.name, port=0, log=False)
+    srv = serve.make_server(classifier, info, device, tiny_run.name, port=0, log=False,
+                            predict=evaluate.predict_proba)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
@@ -110,7 +114,7 @@ def test_health_names_the_run(server, loaded, tiny_run):
     assert answer["run"] == tiny_run.name
     assert answer["classes"] == loaded[1]["class_names"] == ["not spam", "spam"]
     assert answer["device"] == "cpu"
-    assert answer["max_texts"] == evaluate.MAX_TEXTS
+    assert answer["max_texts"] == serve.MAX_TEXTS
 
 
 def test_classify_answers_what_evaluate_classify_does(server, loaded):
@@ -138,8 +142,9 @@ def test_long_texts_are_cut_as_in_training_and_flagged(server, loaded):
     first, second, short = answer["predictions"]
     assert first["truncated"] is True and second["truncated"] is True
     assert short["truncated"] is False
-    # Only the first max_length tokens count, so the different endings make no difference.
-    assert first["probabilities"] == second["probabilities"]
+    # Only the first max_length tokens count, so the different endings make no difference
+    # (up to float rounding: rows of one batch may be computed by differently tiled kernels).
+    assert first["probabilities"] == pytest.approx(second["probabilities"], abs=1e-6)
     # ... and they are what the model gives the text encoded as finetune.py encodes it.
     classifier, info, device = loaded
     ids = data.encode(texts[0], tokenizer, info["max_length"], pad=info["padding"])
@@ -149,9 +154,9 @@ def test_long_texts_are_cut_as_in_training_and_flagged(server, loaded):
 
 
 def test_a_full_request_of_max_texts_is_answered(server):
-    texts = [f"message number {i}" for i in range(evaluate.MAX_TEXTS)]
+    texts = [f"message number {i}" for i in range(serve.MAX_TEXTS)]
     status, _, answer = post(server.base, texts)
-    assert status == 200 and len(answer["predictions"]) == evaluate.MAX_TEXTS
+    assert status == 200 and len(answer["predictions"]) == serve.MAX_TEXTS
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(server):
@@ -183,10 +188,10 @@ BAD_REQUESTS = [
     ("a text that is no string", "/classify", {"texts": ["hi", 3]}, "POST", 400,
      "texts[1] is not a string"),
     ("a null text", "/classify", {"texts": [None]}, "POST", 400, "texts[0] is not a string"),
-    ("too many texts", "/classify", {"texts": ["hi"] * (evaluate.MAX_TEXTS + 1)}, "POST", 400,
-     f"more than the {evaluate.MAX_TEXTS}"),
+    ("too many texts", "/classify", {"texts": ["hi"] * (serve.MAX_TEXTS + 1)}, "POST", 400,
+     f"more than the {serve.MAX_TEXTS}"),
     ("a body over the limit", "/classify",
-     {"texts": ["x" * (evaluate.MAX_BODY // 2)] * 2}, "POST", 413, "over"),
+     {"texts": ["x" * (serve.MAX_BODY // 2)] * 2}, "POST", 413, "over"),
     ("an unknown path", "/predict", None, "GET", 404, "there is no /predict"),
     ("an unknown path, posted", "/predict", {"texts": ["hi"]}, "POST", 404, "there is no"),
     ("GET /classify", "/classify", None, "GET", 405, "takes POST"),
@@ -271,7 +276,8 @@ def test_concurrent_requests_are_all_answered_correctly(server, loaded):
 
 def test_server_binds_to_localhost_by_default(loaded):
     classifier, info, device = loaded
-    srv = evaluate.make_server(classifier, info, device, "r", port=0, log=False)
+    srv = serve.make_server(classifier, info, device, "r", port=0, log=False,
+                            predict=evaluate.predict_proba)
     try:
         assert srv.server_address[0] == "127.0.0.1"
     finally:
@@ -291,8 +297,9 @@ def test_page_names_run_classes_and_device(server, tiny_run):
 def test_page_escapes_what_it_shows_and_works_from_any_folder(loaded, tmp_path, monkeypatch):
     classifier, info, device = loaded
     monkeypatch.chdir(tmp_path)  # the page is found beside evaluate.py, not in the cwd
-    srv = evaluate.make_server(classifier, dict(info, class_names=["<b>a&b</b>", "c"]), device,
-                               "<script>alert(1)</script>", port=0, log=False)
+    srv = serve.make_server(classifier, dict(info, class_names=["<b>a&b</b>", "c"]), device,
+                            "<script>alert(1)</script>", port=0, log=False,
+                            predict=evaluate.predict_proba)
     try:
         page = srv.page.decode()
     finally:
@@ -513,7 +520,8 @@ def test_a_three_class_run_of_own_data_is_served(tmp_path, tiny_weights, capsys)
     capsys.readouterr()
     device = ddp.select_device("cpu")
     classifier, info = evaluate.load_run(run, device)
-    srv = evaluate.make_server(classifier, info, device, run.name, port=0, log=False)
+    srv = serve.make_server(classifier, info, device, run.name, port=0, log=False,
+                            predict=evaluate.predict_proba)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
