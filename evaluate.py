@@ -102,6 +102,7 @@ def load_run(run_dir, device):
         gpt.add_classification_head(model, info["num_classes"])
         expected = set(model.state_dict())
     weights = run_dir / info.get("weights_file", "model.safetensors")
+    files.check_belongs(run_dir, info, weights)
     try:
         state = gpt.read_tensors(weights, fix="train the run again")
     except gpt.WeightsError as e:

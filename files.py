@@ -25,9 +25,18 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import save
+
 import ddp
+
+try:
+    import fcntl  # the run folder's lock (POSIX; elsewhere runs go unlocked)
+except ImportError:
+    fcntl = None
 
 
 class DataError(Exception):
@@ -260,10 +269,10 @@ class Tee:
             s.flush()
 
 
-def save_model(tensors, path):
-    """Tensors as safetensors, written atomically."""
-    from safetensors.torch import save
-    write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+def save_model(tensors, path, metadata=None):
+    """Tensors as safetensors, written atomically (`metadata`: strings kept in its header)."""
+    write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                            metadata=metadata))
 
 
 # Every file a run writes (run.json lists those of each finished run, too): --overwrite
@@ -375,10 +384,17 @@ class RunFolder:
         self.out, self.replace, self.log = out, replace, RunLog()
         self.errors = errors  # the caller's error types whose message is the error line
         self.work = unfinished_path(out) if replace else out
-        self.made = False
+        self.made, self.lock = False, None
+        self.run_id = uuid.uuid4().hex  # written into each of its files: they belong together
 
     def make(self):
+        """Make the folder, holding it alone from here to the run's end (`hold`)."""
         work = self.work
+        self.lock = hold(self.out)
+        if not self.replace and (self.out / "run.json").is_file():
+            raise ValueError(f"{self.out} holds a finished run now (another finetune.py finished "
+                             "there meanwhile); pass --overwrite to replace it, or choose "
+                             "another --output-dir")
         if self.replace and work.exists():
             shutil.rmtree(work)  # an earlier attempt that did not finish
         work.mkdir(parents=True, exist_ok=True)
@@ -392,6 +408,7 @@ class RunFolder:
 
     def __exit__(self, kind, e, tb):
         if not self.made:
+            release(self.lock)
             if type(e) in (ValueError, DataError, *self.errors):  # after "Run folder:" was said
                 made = f"nothing was written to {self.out}" if self.out.exists() else \
                     f"nothing was written: the run folder {self.out} was not made"
@@ -403,6 +420,8 @@ class RunFolder:
                 swap_in(self.work, self.out)
         except OSError as late:
             e = late
+        finally:
+            release(self.lock)
         if e is None:
             return False
         error = self.failed(e)
@@ -435,6 +454,28 @@ class RunFolder:
         except OSError:
             pass  # a full disk, say: the line still goes to the terminal
         return error(line) if error else e
+
+
+def hold(out):
+    """Hold the run folder `out` (made here if need be) alone until `release`: an exclusive
+    lock on the folder itself, which the system drops when the process ends, however it ends.
+    ValueError where another process holds it: two runs never write into one folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"another finetune.py is writing to {out} (it holds the folder); wait "
+                         "for it to finish, or choose another --output-dir") from None
+    return fd
+
+
+def release(lock):
+    if lock is not None:
+        os.close(lock)  # closing the descriptor drops the lock
 
 
 class NoFolder:
@@ -474,8 +515,9 @@ def swap_in(work, out):
 def write_run(folder, tensors, metrics, info, plots=None):
     """The finished run's files in `folder`: weights, metrics, plots (`plots(folder)` writes
     them and returns their names), then run.json, whose presence marks the run as finished
-    (every file written atomically)."""
-    save_model(tensors, folder / info["weights_file"])
+    (every file written atomically). The weights' header and metrics.json carry run.json's
+    `run_id`, so that files of two runs never pass for one (`check_belongs`)."""
+    save_model(tensors, folder / info["weights_file"], {"run_id": info["run_id"]})
     write_json(folder / "metrics.json", metrics)
     files = plots(folder) if plots else []
     files += [info["weights_file"], "metrics.json", "run.json", "log.txt"]
@@ -562,3 +604,27 @@ def latest_run(root="runs"):
         raise RunError(f"no finished run under {root}/; train one with python finetune.py, or "
                        "pass --run DIR")
     return finished[-1].parent
+
+
+def check_belongs(run_dir, info, weights_file):
+    """RunError unless the run's weights file and metrics.json carry run.json's run id: a
+    folder that mixes two runs' files (two runs given one --output-dir by hand, a file copied
+    in) is refused, not scored. Runs made before run ids were written are taken as they are."""
+    run_id = info.get("run_id")
+    if run_id is None:
+        return
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            theirs = (f.metadata() or {}).get("run_id")
+    except Exception:  # unreadable: read_tensors says so, in its own words
+        return
+    metrics = Path(run_dir) / "metrics.json"
+    try:
+        measured = read_json(metrics).get("run_id") if metrics.is_file() else run_id
+    except (OSError, ValueError, AttributeError):
+        measured = None
+    for name, other in ((weights_file.name, theirs), ("metrics.json", measured)):
+        if other != run_id:
+            raise RunError(f"{Path(run_dir) / name} is not this run's (its run id is {other}, "
+                           f"run.json's {run_id}): the folder mixes the files of two runs; "
+                           "train the run again into a folder of its own")

@@ -665,10 +665,11 @@ def save_run(work, out, folder, model, base, cfg, history, final, run_info, timi
         raise diverged(f"the weight {bad[0]} holds NaN or infinite values",
                        history["steps"] - 1, cfg.epochs - 1, cfg)
     metrics = {"history": history, "final_accuracy": final, **timing,
-               "processes": ddp.world(), "torch": torch.__version__}
+               "processes": ddp.world(), "torch": torch.__version__, "run_id": folder.run_id}
     info = {"model": asdict(model.cfg), **run_info, "flags": asdict(cfg),
             "weights_file": weights_file,
-            "base": base if weights_file == "trained.safetensors" else None}
+            "base": base if weights_file == "trained.safetensors" else None,
+            "run_id": folder.run_id}
 
     def plots(folder):
         return plot_history(history, folder)
