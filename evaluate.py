@@ -28,15 +28,20 @@ import shortcuts
 
 
 def select_device(name="auto"):
-    """auto: cuda, then mps (only torch >= 2.9: older MPS gave wrong numbers), then cpu."""
-    mps_ok = torch.backends.mps.is_available() and \
-        tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
+    """auto: cuda, then mps (only torch >= 2.9: older MPS gave wrong numbers), then cpu. An
+    explicit mps on an older torch is refused for the same reason."""
+    mps_new = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
     if name == "auto":
+        mps_ok = torch.backends.mps.is_available() and mps_new
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
     elif name == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA is not available here; use --device cpu (or auto)")
     elif name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("MPS is not available here; use --device cpu (or auto)")
+    elif name == "mps" and not mps_new:
+        raise ValueError(f"--device mps needs torch 2.9 or newer (this is {torch.__version__}; "
+                         "older MPS gave wrong numbers); upgrade torch (pip install -U torch), "
+                         "or use --device cpu")
     return torch.device(name)
 
 

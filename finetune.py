@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torch.utils.data import DataLoader
 
 import data
@@ -75,9 +76,10 @@ class TrainConfig:
     ignore_index: int = -100
     fast: bool = True  # the exact shortcuts (--no-shortcuts turns them off)
     precision: str = "fp32"
+    tf32: bool = False  # CUDA's fp32 products in TF32: quicker, not the chapter's numbers
     plain: bool = False
     initial_eval: bool = True
-    trunk_cache_gb: float = None  # the frozen-trunk cache's memory cap; None: a quarter of RAM
+    trunk_cache_gb: float = None  # the trunk cache's cap; None: a quarter of RAM or free GPU
     self_contained: bool = False
 
 
@@ -86,8 +88,10 @@ class TrainConfig:
 def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100, weight=None):
     """Cross-entropy of the class logits against the labels, for one batch (`weight`: one
     weight per class, --class-weights; the mean is then weighted)."""
-    input_batch = input_batch.to(device, non_blocking=True)
-    target_batch = target_batch.to(device, non_blocking=True)
+    # Asynchronous only from pinned memory (the loaders pin for CUDA): from pageable memory an
+    # asynchronous copy gains nothing on CUDA and has given wrong numbers on MPS.
+    input_batch = input_batch.to(device, non_blocking=input_batch.is_pinned())
+    target_batch = target_batch.to(device, non_blocking=target_batch.is_pinned())
     logits = model(input_batch)  # (B, num_classes)
     return F.cross_entropy(logits, target_batch, ignore_index=ignore_index, weight=weight)
 
@@ -136,11 +140,13 @@ def training_loss_batch(input_batch, target_batch, model, device, ignore_index=-
     whole batch's: the mean of its share, or with class weights its weighted sum over the whole
     batch's sum of weights (added up over the processes) times their number."""
     input_batch, target_batch = ddp.share(input_batch), ddp.share(target_batch)
-    if ddp.world() == 1 or weight is None:
-        return calc_loss_batch(input_batch, target_batch, model, device, ignore_index, weight)
-    target_batch = target_batch.to(device)
-    loss_sum = F.cross_entropy(model(input_batch.to(device)), target_batch, weight=weight,
-                               ignore_index=ignore_index, reduction="sum")
+    # The trunk cache reads its keys from the host's copy: the step never waits for the device.
+    with shortcuts.keys_from(model, input_batch):
+        if ddp.world() == 1 or weight is None:
+            return calc_loss_batch(input_batch, target_batch, model, device, ignore_index, weight)
+        target_batch = target_batch.to(device)
+        loss_sum = F.cross_entropy(model(input_batch.to(device)), target_batch, weight=weight,
+                                   ignore_index=ignore_index, reduction="sum")
     (weights,) = ddp.sum_over_ranks(weight[target_batch[target_batch != ignore_index]].sum())
     return loss_sum * ddp.world() / weights
 
@@ -673,9 +679,10 @@ def class_weight_values(spec):
     return values
 
 
-def class_weights(spec, train_labels, class_names):
-    """The loss's per-class weights as a tensor (None for none). `balanced`: n / (C * n_c),
-    inverse frequency in the training split, so every class weighs the same in total."""
+def class_weights(spec, train_labels, class_names, device=None):
+    """The loss's per-class weights as a tensor on `device` (None for none). `balanced`:
+    n / (C * n_c), inverse frequency in the training split, so every class weighs the same in
+    total."""
     values = class_weight_values(spec)
     if values is None:
         return None
@@ -686,7 +693,7 @@ def class_weights(spec, train_labels, class_names):
         raise ValueError(f"--class-weights gives {len(values)} weights for "
                          f"{len(class_names)} classes ({', '.join(class_names)}); give one "
                          "per class, in that order")
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def shortcuts_on(cfg):
@@ -712,13 +719,31 @@ def build_classifier(model, cfg, device, on_full=None, position=None):
     return classifier, note
 
 
+# The device types torch's fused AdamW runs on (torch's own list).
+FUSED_DEVICES = _get_fused_kernels_supported_devices()
+
+
 def build_optimizer(model, cfg, device):
     """AdamW over all parameters, as the chapter does (frozen ones get no gradient, so AdamW
-    leaves them be). With the shortcuts on, one fused kernel does the whole update: the same
-    formula, rounded differently, and on a CPU about 5x quicker than the loop over tensors."""
-    fused = shortcuts_on(cfg) and device.type in ("cpu", "cuda") or None
+    leaves them be). With the shortcuts on, one fused kernel does the whole update, on every
+    device torch has it for (CPU, CUDA, MPS, ...): the same formula, rounded differently, and
+    on a CPU about 5x quicker than the loop over tensors."""
+    fused = shortcuts_on(cfg) and device.type in FUSED_DEVICES or None
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                              fused=fused)
+
+
+def warm_up(device):
+    """Start the device's maths libraries (cuBLAS on CUDA) with one small product, and wait for
+    it: what a first product costs is start-up, not training. Nothing on a CPU."""
+    if device.type == "cpu":
+        return
+    x = torch.ones(8, 8, device=device)
+    x @ x
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def run(cfg):
@@ -730,6 +755,11 @@ def run(cfg):
     device = ddp.device_for_rank(select_device(cfg.device))  # under torchrun: LOCAL_RANK's GPU
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
+    if cfg.tf32 and device.type != "cuda":
+        raise ValueError(f"--tf32 is a CUDA setting, and this run is on {device.type}; drop "
+                         "--tf32, or pass --device cuda")
+    if cfg.tf32:  # off by default (full fp32), as PyTorch's own default
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     if ddp.is_main():
         out, replace = plan_output_dir(cfg)
         folder = RunFolder(out, replace)
@@ -746,7 +776,8 @@ def run(cfg):
         splits, class_names = labelled.splits, labelled.class_names
         for note in labelled.notes:
             print(note)
-        weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names)
+        weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names,
+                               device)  # on the device: every loss, from the first, uses it
         tokenizer = data.get_tokenizer()
 
         # 2. The model (random weights are drawn right after seeding).
@@ -839,6 +870,7 @@ def run(cfg):
         # 5. Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
         classifier, note = build_classifier(model, cfg, device, on_full=print,
                                             position=position)
+        warm_up(device)  # the device's start-up (CUDA's libraries) outside the timed phase
         start_time = time.time()
         torch.manual_seed(cfg.seed)
         optimizer = build_optimizer(model, cfg, device)
@@ -849,7 +881,6 @@ def run(cfg):
         shortcuts.prefill(classifier, loaders, cfg)  # inside the timed phase: it is the loop's work
         classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        weight = weight.to(device) if weight is not None else None
         history = train(classifier, loaders, optimizer, cfg, device, scaler, weight)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -1018,10 +1049,14 @@ def parse_args(argv=None):
       help="turn the exact shortcuts off, keeping the fused kernels: every step computes the "
       "whole model, as the chapter does")
     a("--trunk-cache-gb", type=float, metavar="X", help="memory cap of the frozen-trunk cache in "
-      "GiB; 0 turns the cache off (default: a quarter of the machine's memory)")
+      "GiB; 0 turns the cache off (default: a quarter of the machine's RAM; on CUDA a quarter "
+      "of the GPU's free memory)")
     a("--precision", default=d.precision, choices=tuple(gpt.PRECISIONS),
       help="fp32 (default, the chapter's), bf16 autocast (CPU and GPU) or fp16 autocast with "
       "gradient scaling (CUDA)")
+    a("--tf32", action="store_true", help="CUDA: fp32 matrix products in TF32 (Ampere GPUs and "
+      "newer): quicker, rounded to 10-bit mantissas, so not the chapter's numbers (default: "
+      "off, full fp32)")
     a("--plain", action="store_true", help="the chapter's explicit formulas (attention scores, "
       "layer norm, GELU) instead of fused kernels: the benchmarks' baseline")
     a("--no-initial-eval", dest="initial_eval", action="store_false",
