@@ -49,28 +49,43 @@ def is_main():
 
 
 def select_device(name="auto"):
-    """auto: cuda, then mps (only torch >= 2.9: older MPS gave wrong numbers), then cpu."""
-    mps_ok = torch.backends.mps.is_available() and \
-        tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
+    """auto: cuda, then mps (only torch >= 2.9: older MPS gave wrong numbers), then cpu. An
+    explicit mps on an older torch is refused for the same reason."""
+    mps_new = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
     if name == "auto":
+        mps_ok = torch.backends.mps.is_available() and mps_new
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
     elif name == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA is not available here; use --device cpu (or auto)")
     elif name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("MPS is not available here; use --device cpu (or auto)")
+    elif name == "mps" and not mps_new:
+        raise ValueError(f"--device mps needs torch 2.9 or newer (this is {torch.__version__}; "
+                         "older MPS gave wrong numbers); upgrade torch (pip install -U torch), "
+                         "or use --device cpu")
     return torch.device(name)
 
 
 def init():
     """Join torchrun's process group, if torchrun started this process.
 
-    Gloo carries the CPU tensors and NCCL, where PyTorch has it and a GPU is present, the CUDA
-    ones (PyTorch's default pairing). Torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT) says where the others are.
+    The backends are named (`backend`): gloo for the CPU tensors (`sum_over_ranks` adds up
+    CPU numbers, whatever the device), and NCCL for the CUDA ones where PyTorch has it and a
+    GPU is present. Left to itself, PyTorch >= 2.6 builds only the detected accelerator's
+    backend (NCCL alone on a GPU machine), and the first sum of CPU numbers fails. Torchrun's
+    environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) says where the others are.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    dist.init_process_group(timeout=TIMEOUT)
+    dist.init_process_group(backend=backend(), timeout=TIMEOUT)
+
+
+def backend():
+    """The process group's backends: "cpu:gloo,cuda:nccl" where CUDA and NCCL are here, else
+    "gloo" (CPU processes)."""
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
 
 
 def close():

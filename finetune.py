@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torch.utils.data import DataLoader
 
 import data
@@ -143,10 +144,14 @@ class TrainConfig:
                              "run at the classified position only, fused AdamW)")
     trunk_cache_gb: float = option(type=float, metavar="X", help="memory cap of the "
                                    "frozen-trunk cache in GiB; 0 turns the cache off (default: "
-                                   "a quarter of the machine's memory)")
+                                   "a quarter of the machine's RAM; on CUDA a quarter of the "
+                                   "GPU's free memory)")
     precision: str = option("fp32", choices=tuple(gpt.PRECISIONS), help="fp32 (the chapter's), "
                             "bf16 autocast (CPU and GPU) or fp16 autocast with gradient scaling "
                             "(CUDA) (default: {default})")
+    tf32: bool = option(False, help="CUDA: fp32 matrix products in TF32 (Ampere GPUs and "
+                        "newer): quicker, rounded to 10-bit mantissas, so not the chapter's "
+                        "numbers (default: off, full fp32)")
     plain: bool = option(False, help="the chapter's explicit formulas (attention scores, layer "
                          "norm, GELU) instead of fused kernels: the benchmarks' baseline")
     initial_eval: bool = option(True, flags=("--no-initial-eval",), action="store_false",
@@ -181,8 +186,10 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
 def calc_loss_batch(input_batch, target_batch, model, device, ignore_index=-100, weight=None):
     """Cross-entropy of the class logits against the labels, for one batch (`weight`: one
     weight per class, --class-weights; the mean is then weighted)."""
-    input_batch = input_batch.to(device, non_blocking=True)
-    target_batch = target_batch.to(device, non_blocking=True)
+    # Asynchronous only from pinned memory (the loaders pin for CUDA): from pageable memory an
+    # asynchronous copy gains nothing on CUDA and has given wrong numbers on MPS.
+    input_batch = input_batch.to(device, non_blocking=input_batch.is_pinned())
+    target_batch = target_batch.to(device, non_blocking=target_batch.is_pinned())
     logits = model(input_batch)  # (B, num_classes)
     return F.cross_entropy(logits, target_batch, ignore_index=ignore_index, weight=weight)
 
@@ -246,7 +253,10 @@ def train_classifier_simple(model, loaders, optimizer, cfg, device, scaler=None,
             stepping = (batch_idx + 1) % k == 0 or batch_idx + 1 == len(train_loader) or last
             # Under torchrun each process takes its share of the batch, and DDP averages the
             # gradients over the processes once per optimizer step.
-            with ddp.no_sync(model, not stepping):
+            # The trunk cache reads its keys from the host's copy: the step never waits for
+            # the device.
+            with ddp.no_sync(model, not stepping), \
+                    shortcuts.keys_from(model, ddp.share(input_batch)):
                 loss = ddp.training_loss_batch(calc_loss_batch, input_batch, target_batch,
                                                model, device, cfg.ignore_index, class_weights)
                 # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
@@ -478,9 +488,10 @@ def class_weight_values(spec):
     return values
 
 
-def class_weights(spec, train_labels, class_names):
-    """The loss's per-class weights as a tensor (None for none). `balanced`: n / (C * n_c),
-    inverse frequency in the training split, so every class weighs the same in total."""
+def class_weights(spec, train_labels, class_names, device=None):
+    """The loss's per-class weights as a tensor on `device` (None for none). `balanced`:
+    n / (C * n_c), inverse frequency in the training split, so every class weighs the same in
+    total."""
     values = class_weight_values(spec)
     if values is None:
         return None
@@ -491,7 +502,7 @@ def class_weights(spec, train_labels, class_names):
         raise ValueError(f"--class-weights gives {len(values)} weights for "
                          f"{len(class_names)} classes ({', '.join(class_names)}); give one "
                          "per class, in that order")
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def shortcuts_on(cfg):
@@ -517,13 +528,31 @@ def build_classifier(model, cfg, device, on_full=None, position=None):
     return classifier, note
 
 
+# The device types torch's fused AdamW runs on (torch's own list).
+FUSED_DEVICES = _get_fused_kernels_supported_devices()
+
+
 def build_optimizer(model, cfg, device):
     """AdamW over all parameters, as the chapter does (frozen ones get no gradient, so AdamW
-    leaves them be). With the shortcuts on, one fused kernel does the whole update: the same
-    formula, rounded differently, and on a CPU about 5x quicker than the loop over tensors."""
-    fused = shortcuts_on(cfg) and device.type in ("cpu", "cuda") or None
+    leaves them be). With the shortcuts on, one fused kernel does the whole update, on every
+    device torch has it for (CPU, CUDA, MPS, ...): the same formula, rounded differently, and
+    on a CPU about 5x quicker than the loop over tensors."""
+    fused = shortcuts_on(cfg) and device.type in FUSED_DEVICES or None
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                              fused=fused)
+
+
+def warm_up(device):
+    """Start the device's maths libraries (cuBLAS on CUDA) with one small product, and wait for
+    it: what a first product costs is start-up, not training. Nothing on a CPU."""
+    if device.type == "cpu":
+        return
+    x = torch.ones(8, 8, device=device)
+    x @ x
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def device_name(device):
@@ -689,6 +718,11 @@ def run(cfg):
     device = ddp.device_for_rank(ddp.select_device(cfg.device))  # torchrun: LOCAL_RANK's GPU
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
+    if cfg.tf32 and device.type != "cuda":
+        raise ValueError(f"--tf32 is a CUDA setting, and this run is on {device.type}; drop "
+                         "--tf32, or pass --device cuda")
+    if cfg.tf32:  # off by default (full fp32), as PyTorch's own default
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     if ddp.is_main():
         out, replace = files.plan_output_dir(cfg)
         folder = files.RunFolder(out, replace, errors=ERRORS)
@@ -701,7 +735,8 @@ def run(cfg):
               f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''})")
         labelled = load_data(cfg)  # 1
         splits, class_names = labelled.splits, labelled.class_names
-        weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names)
+        weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names,
+                               device)  # on the device: every loss, from the first, uses it
         torch.manual_seed(cfg.seed)  # 2: the initial weights, where they are random
         model, base = load_model(cfg)
         datasets, pad = make_datasets(cfg, splits, model.cfg.context_length, ctx)  # 3
@@ -729,6 +764,7 @@ def run(cfg):
 
         # Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
         classifier, note = build_classifier(model, cfg, device, on_full=print, position=position)
+        warm_up(device)  # the device's start-up (CUDA's libraries) outside the timed phase
         start_time = time.time()
         torch.manual_seed(cfg.seed)
         optimizer = build_optimizer(model, cfg, device)
@@ -739,7 +775,6 @@ def run(cfg):
         shortcuts.prefill(classifier, loaders, cfg)  # inside the timed phase: the loop's work
         classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        weight = weight.to(device) if weight is not None else None
         history = train_classifier_simple(classifier, loaders, optimizer, cfg, device, scaler,
                                           weight)
         if device.type == "cuda":

@@ -101,6 +101,16 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
+# Devices whose attention kernels get their queries, keys and values contiguous: on MPS,
+# transposed (non-contiguous) ones met wrong results at head size 64 in recent torch releases.
+CONTIGUOUS_HEADS = {"mps"}
+
+
+def heads_layout(t):
+    """A (B, nh, T, hs) view, made contiguous on the devices of CONTIGUOUS_HEADS."""
+    return t.contiguous() if t.device.type in CONTIGUOUS_HEADS else t
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
                  causal=True, plain=False):
@@ -119,7 +129,7 @@ class MultiHeadAttention(nn.Module):
 
     def _heads(self, t):  # (B, T, d_out) -> (B, nh, T, hs)
         b, n, _ = t.shape
-        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return heads_layout(t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2))
 
     def forward(self, x, query_pos=None):
         """x: (B, T, d_in). With `query_pos` (B,) only those positions attend (to all keys they

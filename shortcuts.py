@@ -17,7 +17,7 @@ gpt.Classifier takes a `Shortcuts` at its one seam; this module imports gpt.py, 
 
 import os
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -116,10 +116,13 @@ def block_at(block, x, pos):
 
 
 def default_cache_bytes(device=None):
-    """The trunk cache's default memory cap: a quarter of the device's memory (RAM on a CPU)."""
+    """The trunk cache's default memory cap: a quarter of the machine's RAM, or on CUDA a
+    quarter of the GPU's free memory when the cache is made (after the model is on it)."""
     device = torch.device(device or "cpu")
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 4
+        free = torch.cuda.mem_get_info(device)[0]  # + what torch holds but no tensor uses
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free // 4
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     except (ValueError, OSError, AttributeError):  # not on every platform
@@ -206,8 +209,9 @@ class FrozenBlock:
         """(B, T, E) fp32 -> (B, T, E) fp32."""
         bsz, num_tokens, emb = x.shape
         qkv = self._linear(self._norm(x, 0), self.qkv, self.qkv_bias)  # (B, T, 3E)
-        q, k, v = (t.view(bsz, num_tokens, self.heads, -1).transpose(1, 2)
-                   for t in qkv.split(emb, dim=-1))
+        heads = (t.view(bsz, num_tokens, self.heads, -1).transpose(1, 2)
+                 for t in qkv.split(emb, dim=-1))
+        q, k, v = (gpt.heads_layout(t) for t in heads)  # (B, nh, T, hs) each
         context = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         context = context.transpose(1, 2).reshape(bsz, num_tokens, emb)
         x = self._add_linear(context, x, self.out, self.out_bias)
@@ -259,12 +263,12 @@ class TrunkCache:
     padding: the same text padded to 120 and to 90 tokens shares one entry (the longest padding
     seen is kept; a shorter one reads its prefix). Without the causal mask the whole padded row
     is the key. Entries are stored in the dtype the fill computes in (bf16 under bf16 autocast)
-    and handed back in the model's dtype. `max_bytes` caps the store (default: a quarter of the
-    device's
-    memory); past it, new examples are computed each time they are read, and `on_full` (if
-    given) is called once with a message saying so. The frozen blocks run as `FrozenBlock`s,
-    prepared once per model, weights and precision (weights cast once instead of by autocast on
-    every call, Q/K/V in one product, oneDNN's fused GELU and adds on a CPU); `prepare=False`
+    and handed back in the model's dtype. `max_bytes` caps the store (default:
+    `default_cache_bytes`); past it, new examples are computed each time they are read, and
+    `on_full` (if given) is called once with a message saying so. The frozen blocks run as
+    `FrozenBlock`s, prepared once per model, weights and precision (weights cast once instead
+    of by autocast on every call, Q/K/V in one product, oneDNN's fused GELU and adds on a CPU);
+    `prepare=False`
     runs the blocks as written (under autocast if on), `onednn=False` prepares them without
     oneDNN: the benchmarks' before and after.
     """
@@ -293,6 +297,7 @@ class TrunkCache:
             else max_bytes
         self.bytes, self.uncached, self.on_full = 0, set(), on_full
         self.prepare, self.onednn = prepare, onednn
+        self.host_ids = None  # see keys_from
 
     @property
     def causal(self):
@@ -373,11 +378,26 @@ class TrunkCache:
             return torch.get_autocast_dtype(device_type)
         return computed.dtype
 
+    @contextmanager
+    def keys_from(self, host_ids):
+        """Within this block, a call given ids of the shape of `host_ids` (token ids on the host:
+        the batch a loader gave, before it was moved to the device) reads its keys from them
+        instead of copying the ids back from the device, a copy that makes the host wait for the
+        device to finish its queue (training_loss_batch: so a step never waits)."""
+        self.host_ids = host_ids
+        try:
+            yield
+        finally:
+            self.host_ids = None
+
     def __call__(self, in_idx):
         """Token ids (B, T) -> the output of the cached part, (B, T, E), in the model's dtype."""
         self._check()
         num_tokens = in_idx.shape[1]
-        keys = [self.key(row) for row in in_idx.cpu().numpy()]
+        host = self.host_ids
+        if host is None or host.device.type != "cpu" or host.shape != in_idx.shape:
+            host = in_idx.cpu()  # (evaluations: they wait for the device's numbers anyway)
+        keys = [self.key(row) for row in host.numpy()]
         rows, missing = [None] * len(keys), []
         for i, k in enumerate(keys):
             hit = self.store.get(k)
@@ -385,8 +405,9 @@ class TrunkCache:
                 rows[i] = hit[:num_tokens]
             else:
                 missing.append(i)
-        if missing:
-            computed = self.compute(in_idx[missing])
+        if missing:  # the rows to compute, picked on the device by an index tensor
+            index = torch.tensor(missing).to(in_idx.device)
+            computed = self.compute(in_idx.index_select(0, index))
             dtype = self._store_dtype(in_idx.device.type, computed)
             for i, row in zip(missing, computed):  # read as later reads will read it
                 rows[i] = row.to(dtype)
@@ -407,6 +428,15 @@ class TrunkCache:
         self.store[key] = value.clone()  # a view would keep the whole batch's tensor alive
         self.bytes += size - held
         self.uncached.discard(key)
+
+
+def keys_from(model, host_ids):
+    """The context in which the trunk cache of `model` (a Classifier, under DDP or not) reads
+    its keys from `host_ids`, the host copy of the ids it is given (TrunkCache.keys_from); a
+    no-op without a cache."""
+    fast = getattr(getattr(model, "module", model), "shortcuts", None)
+    trunk = fast.trunk if fast is not None else None
+    return trunk.keys_from(host_ids) if trunk is not None else nullcontext()
 
 
 def classify_logits(model, in_idx, position="last", average=False, pad_id=gpt.PAD_ID,
@@ -478,10 +508,18 @@ def for_inference(shortcuts=True):
 # on a 2-core AMD EPYC (fp32, bf16): 16 is as quick as 8 or quicker, and 32 is 1.13x slower in
 # fp32, its activations outgrowing the caches (bench/test_levers.py).
 FILL_BATCH = 16
+# On a GPU (CUDA, MPS) larger products run nearer its peak, and 64 x 120 tokens of GPT-2 xl's
+# activations fit any of them. Not measured on a GPU yet.
+FILL_BATCH_GPU = 64
+
+
+def fill_batch(device):
+    """Examples per fill ahead of the loop on `device`: FILL_BATCH on a CPU, more on a GPU."""
+    return FILL_BATCH_GPU if torch.device(device).type in ("cuda", "mps") else FILL_BATCH
 
 
 def prefill(classifier, loaders, cfg):
-    """Fill the classifier's trunk cache, ahead of the loop and in batches of FILL_BATCH, with
+    """Fill the classifier's trunk cache, ahead of the loop and in batches of `fill_batch`, with
     the examples the loop reads anyway when it runs at least one whole epoch: every training
     example and the validation examples its evaluations read, when they are padded to one
     length (the chapter's data), in the precision the forward pass runs in. Larger batches run
@@ -501,8 +539,9 @@ def prefill(classifier, loaders, cfg):
 
     def bar(chunks):
         return files.progress(chunks, desc="Frozen-trunk cache", unit="batch")
-    with classifier.autocast(trunk.params[0].device):
-        return trunk.fill(rows, FILL_BATCH, bar)
+    device = trunk.params[0].device
+    with classifier.autocast(device):
+        return trunk.fill(rows, fill_batch(device), bar)
 
 
 def describe(classifier, optimizer, precision):

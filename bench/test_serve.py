@@ -38,7 +38,8 @@ CASES = [(1, 1, 1), (32, 1, 1), (1, 4, 2)]
 
 
 def _devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)]
+                      if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module", params=_devices())
