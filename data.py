@@ -382,6 +382,17 @@ def _row_of_its_own(line, n_fields, delimiter, label_index, labels):
     return False
 
 
+def _opens_last_field(line, delimiter):
+    """Whether the quote left open on a row's first line opens that line's last field (a
+    quoted text that goes on over the next lines, as RFC 4180 allows), not one that swallowed
+    the delimiters and fields after it (a stray quote)."""
+    fields = next(csv.reader([line.rstrip("\r\n")], delimiter=delimiter,
+                             quoting=csv.QUOTE_NONE), [])
+    open_at = [i for i, f in enumerate(fields) if f.lstrip().startswith('"') and
+               f.count('"') % 2 == 1]
+    return bool(open_at) and open_at[0] == len(fields) - 1
+
+
 def _check_spanning_rows(path, rows, labels, lines, n_fields, delimiter, label_index):
     """Refuse a CSV row whose quoted field runs over lines that each read as a row of their
     own: a stray quote that swallowed the rows up to the next quote, which the csv module
@@ -391,6 +402,8 @@ def _check_spanning_rows(path, rows, labels, lines, n_fields, delimiter, label_i
         return  # a file of texts alone: a line of text reads as a row whatever it holds
     for n, start, end in rows:
         for k in range(start, end):  # its lines but the last (that one closes the field)
+            if k == start and _opens_last_field(lines[k - 1], delimiter):
+                continue  # a text with line breaks in the row's last field: as the file means
             if _row_of_its_own(lines[k - 1], n_fields, delimiter, label_index, labels):
                 raise DataError(
                     f"{path} row {n} (line {start}): a quote opened in this row runs on to "

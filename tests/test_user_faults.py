@@ -119,6 +119,23 @@ def test_quoted_fields_that_mean_it_are_read_whole(tmp_path):
         (4, "ham", 'He said "hi"'), (5, "spam", "plain")]
 
 
+def test_a_text_with_line_breaks_in_the_last_column_is_read_whole(tmp_path):
+    # label first, then a quoted text over lines: its first line ("ham,\"see you") has the
+    # header's two fields and a known label, yet it is the row's own start, not a row swallowed
+    path = write(tmp_path / "d.csv", 'label,text\nspam,"WIN, now"\nham,"see you\nat 6"\n'
+                 'ham,"one\ntwo\nthree"\nspam,plain\n')
+    assert [(r.row, r.label, r.text) for r in data.read_records(path)] == [
+        (2, "spam", "WIN, now"), (3, "ham", "see you\nat 6"), (4, "ham", "one\ntwo\nthree"),
+        (5, "spam", "plain")]
+    # while a stray quote in the label-first layout, swallowing whole rows, is still refused
+    lines = [f"{'ham' if i % 3 else 'spam'},message {i}" for i in range(20)]
+    lines[4] = 'ham,"stray ' + lines[4] + ",x"
+    lines[8] = 'spam,it ends" here'
+    path = write(tmp_path / "e.csv", "label,text\n" + "\n".join(lines) + "\n")
+    assert "e.csv row 6 (line 6): a quote opened in this row" in \
+        data_error(data.read_records, path)
+
+
 def test_a_tsv_is_one_row_per_line_with_quotes_as_characters(tmp_path):
     lines = [f"message {i}\t{'ham' if i % 3 else 'spam'}" for i in range(120)]
     lines[10] = '"' + lines[10]  # a stray quote, as exports hold them
