@@ -52,6 +52,7 @@ PAD_ID = 50256  # GPT-2's <|endoftext|>, used as the padding token
 SEED = 123
 TRAIN_FRAC, VAL_FRAC = 0.7, 0.1
 SPLITS = ("train", "validation", "test")
+SPLIT_TITLES = {"train": "Training", "validation": "Validation", "test": "Test"}  # as printed
 
 
 # ----------------------------------------------------------------------------------- writing files
@@ -677,7 +678,7 @@ def sms_data(data=None, cache=None):
 def file_source(path):
     """{"path": absolute path, "sha256": of its bytes}: which file a run read."""
     path = Path(path)
-    return {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"path": str(path.resolve()), "sha256": files.file_sha256(path)}
 
 
 def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="text",

@@ -329,7 +329,6 @@ def evaluate_file(path, classifier, info, device, args):
     return scores_of(rows, classifier, info, device, data.get_tokenizer())
 
 
-SPLIT_TITLES = {"train": "Training", "validation": "Validation", "test": "Test"}
 MAX_MATRIX = 20  # classes up to which the confusion matrix is printed (--json always has it)
 
 
@@ -337,7 +336,7 @@ def print_scores(results, class_names):
     """Accuracy lines (finetune.py's, for the run's splits), then per split: macro- and
     weighted-F1, per-class precision / recall / F1 / support and the confusion matrix."""
     for name, r in results.items():
-        print(f"{SPLIT_TITLES.get(name, name)} accuracy: {r['accuracy']*100:.2f}%")
+        print(f"{data.SPLIT_TITLES.get(name, name)} accuracy: {r['accuracy']*100:.2f}%")
     print()
     width = max(16, *(len(n) + 2 for n in results))
     print(f"{'split':<{width}} {'accuracy':>9} {'macro-F1':>9} {'weighted-F1':>12} "

@@ -15,6 +15,7 @@ about GPT-2.
 
 import contextlib
 import errno
+import hashlib
 import http.client
 import io
 import json
@@ -267,6 +268,15 @@ class Tee:
             self._emit(text)
         for s in self.streams:
             s.flush()
+
+
+def file_sha256(path):
+    """The sha256 of a file, read in 1 MiB pieces (a 6 GB checkpoint never sits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_model(tensors, path, metadata=None):

@@ -34,8 +34,6 @@ import files
 import gpt
 import shortcuts
 
-SPLIT_TITLES = {"train": "Training", "validation": "Validation", "test": "Test"}
-
 
 # ------------------------------------------------------------------------------ the run's settings
 
@@ -669,9 +667,9 @@ def look_before_training(classifier, loaders, cfg, device, weight):
                                        weight) for s in names]
     print("Before fine-tuning (accuracy over 10 batches, loss over 5):")
     for s, acc in zip(names, accs):
-        print(f"{SPLIT_TITLES[s]} accuracy: {acc*100:.2f}%")
+        print(f"{data.SPLIT_TITLES[s]} accuracy: {acc*100:.2f}%")
     for s, loss in zip(names, losses):
-        print(f"{SPLIT_TITLES[s]} loss: {loss:.3f}")
+        print(f"{data.SPLIT_TITLES[s]} loss: {loss:.3f}")
 
 
 def final_accuracies(classifier, loaders, device):
@@ -682,7 +680,7 @@ def final_accuracies(classifier, loaders, device):
         final = {s: calc_accuracy_loader(files.Ticking(loaders[s], bar), classifier, device)
                  for s in names}
     for s in names:
-        print(f"{SPLIT_TITLES[s]} accuracy: {final[s]*100:.2f}%")
+        print(f"{data.SPLIT_TITLES[s]} accuracy: {final[s]*100:.2f}%")
     return final
 
 

@@ -9,7 +9,6 @@ Face format (config.json + model.safetensors) and are mapped onto these names by
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -574,15 +573,6 @@ def load_gpt(weights="small", cache=None, plain=False):
     return model
 
 
-def file_sha256(path):
-    """The sha256 of a file, read in 1 MiB pieces (a 6 GB checkpoint never sits in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def base_identity(model):
     """What a run needs to find the weights `model` was loaded from again: {"weights": the
     preset's name or the folder's absolute path, "sha256": of its model.safetensors}; None for
@@ -590,7 +580,7 @@ def base_identity(model):
     source = getattr(model, "source", None)
     if source is None:
         return None
-    return {"weights": source["weights"], "sha256": file_sha256(source["file"])}
+    return {"weights": source["weights"], "sha256": files.file_sha256(source["file"])}
 
 
 def load_base(model, base, cache=None):
@@ -611,7 +601,7 @@ def load_base(model, base, cache=None):
     if not file.is_file():
         raise WeightsError(f"its base weights {file} are gone; put that folder back where it "
                            "was")
-    digest = file_sha256(file)
+    digest = files.file_sha256(file)
     if digest != base["sha256"]:
         raise WeightsError(f"its base weights {file} are not the ones it was trained from "
                            f"(sha256 {digest[:12]}..., where the run recorded "

@@ -483,7 +483,7 @@ def test_a_run_keeps_only_what_training_changed(finished_run, tiny_weights):
     assert info["weights_file"] == "trained.safetensors"
     assert not (finished_run / "model.safetensors").exists()
     assert info["base"] == {"weights": str(tiny_weights.resolve()),
-                            "sha256": gpt.file_sha256(tiny_weights / "model.safetensors")}
+                            "sha256": files.file_sha256(tiny_weights / "model.safetensors")}
     kept = load_file(finished_run / "trained.safetensors")
     # last_block: the last block, the final norm and the new head, nothing frozen
     assert all(k.startswith(("trf_blocks.1.", "final_norm.", "out_head.")) for k in kept)
