@@ -23,6 +23,7 @@ from them and prints the summary. No timing is ever asserted.
 
 import copy
 import inspect
+import statistics
 import time
 from contextlib import nullcontext
 
@@ -176,7 +177,7 @@ def _lever_missing(variant, precision):
     """Why the project cannot run this row (a lever it does not offer now), else None."""
     if variant == "plain" and "plain" not in inspect.signature(gpt.GPTModel).parameters:
         return "gpt.GPTModel has no plain= switch (the chapter's explicit formulas)"
-    if precision not in getattr(finetune, "PRECISIONS", {"fp32": None}):
+    if precision not in getattr(gpt, "PRECISIONS", {"fp32": None}):
         return f"gpt.PRECISIONS offers no {precision}"
     if variant == "fast":
         if not hasattr(finetune, "build_classifier"):
@@ -428,8 +429,38 @@ def test_train_step(benchmark, case, setup_row, token_data, sizes, results, pyte
 
     seconds = measure(benchmark, step, pool, warmup, n, f"train step, {s.device.type}")
     assert torch.isfinite(losses[-1]).item()
+    row.split = step_split(s, pool, max(n, 3))
+    benchmark.extra_info["step_split_ms"] = row.split
     report(benchmark, results, row, s, "step", seconds, s.flops("step", sizes.batch, sizes.tokens),
            sizes.batch, token_data, sizes)
+
+
+def step_split(s, pool, n):
+    """A training step's parts, timed apart over `n` more steps (device synced between parts):
+    the median ms of the forward pass and loss, the backward, the optimizer (the scaler's step
+    and update) and the rest (zero_grad and whatever the step does between them)."""
+    parts = {k: [] for k in ("forward", "backward", "optimizer", "rest")}
+    for i in range(n):
+        x, y = pool[i % len(pool)]
+        sync(s.device)
+        t0 = time.perf_counter()
+        s.optimizer.zero_grad(set_to_none=True)
+        sync(s.device)
+        t1 = time.perf_counter()
+        loss = finetune.calc_loss_batch(x, y, s.classifier, s.device)
+        sync(s.device)
+        t2 = time.perf_counter()
+        s.scaler.scale(loss).backward()
+        sync(s.device)
+        t3 = time.perf_counter()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        sync(s.device)
+        t4 = time.perf_counter()
+        for k, dt in (("forward", t2 - t1), ("backward", t3 - t2), ("optimizer", t4 - t3),
+                      ("rest", t1 - t0)):
+            parts[k].append(dt * 1e3)
+    return {k: statistics.median(v) for k, v in parts.items()}
 
 
 @pytest.mark.parametrize("case", CASES)
