@@ -9,13 +9,19 @@ Each computes what the chapter's code computes, up to float rounding, in less ti
   oneDNN's linear with the GELU and residual adds fused on a CPU), for the cache's fill and for
   inference (`run_prepared`).
 - `attention_backend`: PyTorch's math attention where its CPU flash kernel is the slower.
+- `keep_freed_memory`: glibc's allocator keeps freed blocks of up to 32 MiB for reuse instead of
+  handing them back to the system, so a step's fresh gradients and bf16 weight casts cost no
+  page faults (nothing computed changes: only where the memory comes from).
 gpt.Classifier takes a `Shortcuts` at its one seam; this module imports gpt.py, never the reverse.
 
     python finetune.py                    # the shortcuts are on by default
     python finetune.py --no-shortcuts     # every step computes the whole model, as the chapter
 """
 
+import ctypes
+import ctypes.util
 import os
+import platform
 import weakref
 from contextlib import contextmanager, nullcontext
 
@@ -113,6 +119,38 @@ def block_at(block, x, pos):
         context = context + b_v.view(heads, hs)
     h = att.out_proj(context.reshape(bsz, emb)) + x[rows, pos]  # (B, E)
     return h + block.ff(block.norm2(h))
+
+
+# glibc's mallopt parameters, and the largest mmap threshold it accepts on a 64-bit machine
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_MAX = -1, -3, 32 * 2**20
+_KEPT = {}  # "applied" -> whether keep_freed_memory took effect in this process
+
+
+def keep_freed_memory(keep=True):
+    """Have glibc's malloc keep freed memory for reuse: blocks of up to 32 MiB come from its heap
+    (not a fresh mmap each time: 128 KiB and up by default), and freed memory stays in the heap
+    (no trim). A training step allocates its gradients (zero_grad sets them to None) and, under
+    autocast, its bf16 copies of the trainable weights afresh: by default each is a fresh mmap,
+    its pages faulted in and zeroed by the kernel on first touch, then returned at the step's
+    end. Measured paired on 2 cores of an Intel Xeon with AMX (loaded): a cached bf16 step 1.46x
+    quicker, fp32 1.16x (bench/test_levers.py). Process-wide; the numbers are the same bit for
+    bit. Returns whether it took effect (False off glibc, e.g. macOS or musl). `keep=False`
+    restores glibc's defaults (the benchmarks' before)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if keep:
+            done = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX) == 1 and \
+                libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
+        else:
+            done = libc.mallopt(_M_MMAP_THRESHOLD, 128 * 2**10) == 1 and \
+                libc.mallopt(_M_TRIM_THRESHOLD, 128 * 2**10) == 1
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    _KEPT["applied"] = bool(done and keep)
+    return bool(done)
 
 
 def default_cache_bytes(device=None):
@@ -485,9 +523,12 @@ class Shortcuts:
 
 def for_training(model, max_bytes=None, on_full=None, pad_id=gpt.PAD_ID):
     """(Shortcuts, note) for training the set-up `model`: the frozen-trunk cache (capped at
-    `max_bytes`, 0 for none) and the last block at the classified position. The note says why
-    the cache is off, or is None."""
+    `max_bytes`, 0 for none) and the last block at the classified position; on a CPU also glibc's
+    freed memory kept for reuse (`keep_freed_memory`). The note says why the cache is off, or is
+    None."""
     trunk, note = None, None
+    if next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()
     try:
         if max_bytes == 0:
             raise ValueError("--trunk-cache-gb 0")

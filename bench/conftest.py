@@ -217,6 +217,7 @@ class Row:
     peak_tflops: float = None
     seconds: dict = field(default_factory=dict)  # kind -> median seconds of one call
     flops: dict = field(default_factory=dict)  # kind -> model FLOPs of one call
+    split: dict = None  # a step's median ms in forward, backward, optimizer and the rest
     infos: list = field(default_factory=list)  # the benchmarks' extra_info dicts, kept current
     notes: list = field(default_factory=list)
 
@@ -341,6 +342,37 @@ def summary_rows(results):
     return lines
 
 
+def roofline_rows(results):
+    """Per row, the distance to the machine's limit: the fill's achieved TFLOP/s against the
+    measured peak, and a training step's milliseconds split into forward, backward, optimizer
+    and the rest (zero_grad, Python, the loss's .item() none: see test_train_step)."""
+    head = ["device", "precision", "variant", "trainable", "fill TFLOP/s", "peak TFLOP/s",
+            "fill % of peak", "step ms", "forward ms", "backward ms", "optimizer ms", "rest ms"]
+    lines = [head]
+    for r in results.rows.values():
+        fill = None
+        if r.trunk and "fill" in r.seconds:
+            fill = r.flops["fill"] / r.seconds["fill"] / 1e12
+        split = r.split or {}
+        lines.append([
+            r.device_name, r.precision, r.variant, r.trainable, _fmt(fill, ".3f"),
+            _fmt(r.peak_tflops, ".3f"),
+            "-" if fill is None or not r.peak_tflops else f"{fill / r.peak_tflops:.0%}",
+            _fmt(r.seconds.get("step"), ".1f", 1e3),
+            *(_fmt(split.get(k), ".1f") for k in ("forward", "backward", "optimizer", "rest"))])
+    return lines
+
+
+def cpu_line():
+    """The CPU named, with whether it has AMX tiles (and whether oneDNN's bf16 kernels run)."""
+    import finetune  # (the benchmarks' import; conftest stays light otherwise)
+    name = finetune.device_name(torch.device("cpu"))
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported() if torch.backends.mkldnn.is_available() \
+        else False
+    return (f"CPU: {name}; AMX: {'yes' if shortcuts.HAS_AMX else 'no'}; oneDNN bf16: "
+            f"{'yes' if bf16 else 'no'}; {os.cpu_count()} logical CPUs.")
+
+
 def _baseline(rows, r):
     """`plain` on the same device: same precision and trainable set if measured, else fp32 with
     the same trainable set, else fp32 with the chapter's default (last block)."""
@@ -374,8 +406,14 @@ def summary_markdown(results, tiny, wall_s, load_end):
            f"Data: {ctx.get('data', '?')}. Random GPT-2 weights (seed 123); batches of "
            f"{ctx.get('shape', '?')}. Times: the median of the timed rounds "
            f"({ctx.get('rounds', '?')}).",
+           cpu_line(),
            "",
            *markdown_table(summary_rows(results)),
+           "",
+           "Distance to the limit (the fill: FLOPs of one fill over its median time, against "
+           "the measured peak; a step: the medians of its parts, timed apart in extra rounds):",
+           "",
+           *markdown_table(roofline_rows(results)),
            "",
            "- Projection of the training phase (section 6.7): 650 steps + 180 evaluation batches "
            "(13 loss evaluations and 5 accuracies, 5 + 5 batches each); with the trunk cache "

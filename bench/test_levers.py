@@ -21,6 +21,9 @@ to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens
                 (`shortcuts.block_at`, after); fp32 and bf16
     attention   a bf16 training step with every layer trainable: PyTorch's CPU flash attention
                 kernel vs its math backend (`shortcuts.attention_backend`: on a CPU without AMX)
+    malloc      a cached training step (fp32, bf16, as finetune.py takes it): glibc's default
+                malloc (fresh mmap and page faults for every step's gradients and bf16 weight
+                casts) vs freed memory kept for reuse (`shortcuts.keep_freed_memory`)
     adamw       the optimizer's step over the chapter's trainable set: a loop over tensors
                 (foreach) vs one fused kernel
     inference   evaluate.py classifying 8 texts: the model as written vs its inference
@@ -269,3 +272,42 @@ def test_fused_adamw(benchmark, lever_table, gpt_small, sizes, pytestconfig):
     fused = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1, fused=True)
     record(benchmark, lever_table, "AdamW: one fused kernel (last block trainable)", "fp32",
            sizes, loop.step, fused.step, rounds_of(sizes, pytestconfig))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_keep_freed_memory(benchmark, lever_table, gpt_small, token_data, sizes, precision,
+                           pytestconfig):
+    """A cached training step as finetune.py takes it (zero_grad to None, loss, backward, fused
+    AdamW): glibc's default malloc vs `shortcuts.keep_freed_memory`, 5 steps per timed call
+    (each call switches it first; ms per step)."""
+    if not shortcuts.keep_freed_memory(False):
+        pytest.skip("not glibc: mallopt is not there")
+    model = copy.deepcopy(gpt_small).train()
+    trunk = shortcuts.TrunkCache(model)
+    classifier = gpt.Classifier(model, autocast_dtype=gpt.PRECISIONS[precision],
+                                shortcuts=shortcuts.Shortcuts(trunk=trunk))
+    x = ids_of(token_data, sizes.batch, sizes)
+    y = token_data["train"][1][:sizes.batch]
+    with torch.no_grad():
+        classifier(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(classifier(x), y).backward()
+        opt.step()
+
+    n = 1 if sizes.tiny else 5
+
+    def steps(keep):
+        def go():
+            shortcuts.keep_freed_memory(keep)
+            for _ in range(n):
+                one()
+        return go
+
+    try:
+        record(benchmark, lever_table, "step: freed memory kept for reuse (glibc malloc)",
+               precision, sizes, steps(False), steps(True), rounds_of(sizes, pytestconfig), per=n)
+    finally:
+        shortcuts.keep_freed_memory(True)
