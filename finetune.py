@@ -1073,8 +1073,12 @@ def run(cfg, given=None):
                      "model": asdict(model.cfg), "base": base, "data": labelled.source,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "log": folder.log.text(), "train_seconds": time.time() - start_time}
-            files.write_atomic(work / files.CHECKPOINT, lambda f: torch.save(state, f),
-                               sync=True)
+            try:
+                files.write_atomic(work / files.CHECKPOINT, lambda f: torch.save(state, f),
+                                   sync=True)
+            except OSError as e:  # a full disk, say: training goes on; the last one is kept
+                print(f"warning: could not write the checkpoint: {files.describe_os_error(e)};"
+                      " training goes on (the previous checkpoint, if any, is kept)")
         long_run = LongRun(cfg, model, loaders, device, weight, save if out else None, resumed)
         history = train_classifier_simple(classifier, loaders, optimizer, cfg, device, scaler,
                                           weight, long_run)

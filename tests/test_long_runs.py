@@ -395,3 +395,31 @@ def test_early_stopping_needs_keep_best(capsys, tiny_weights, small_raw_path, tm
                                "--output-dir", tmp_path / "run", "--early-stopping", "2"])
     assert "--early-stopping needs --keep-best" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_under_torchrun_every_process_resumes(tmp_path, tiny_weights, small_raw_path,
+                                              monkeypatch):
+    """Two CPU processes (gloo, loopback): rank 0, which alone writes the checkpoint, is
+    SIGKILLed after epoch 2 (torchrun then ends rank 1); both resume from the checkpoint and
+    the run ends as the one never stopped, bit for bit."""
+    from test_ddp import torchrun
+    args = ["--weights", tiny_weights, "--data", small_raw_path, *QUICK, "--no-initial-eval"]
+    whole = torchrun(args + ["--output-dir", tmp_path / "whole"], cwd=tmp_path, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLER)
+    run = tmp_path / "run"
+    monkeypatch.setenv("KILL_AT", "2")
+    monkeypatch.setenv("KILL", "after")
+    killed = torchrun(args + ["--output-dir", run], cwd=tmp_path, script=script, timeout=300)
+    assert killed.returncode != 0 and not (run / "run.json").exists()
+    assert finetune.read_checkpoint(run / files.CHECKPOINT)["point"]["epoch"] == 2
+
+    resumed = torchrun(["--resume", run], cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count("Saved the fine-tuned model") == 1  # rank 0 alone writes
+    assert_same_run(run, tmp_path / "whole")
+    assert reference.chapter_lines((run / "log.txt").read_text()) == reference.chapter_lines(
+        (tmp_path / "whole" / "log.txt").read_text())
+    assert json.loads((run / "metrics.json").read_text())["processes"] == 2
