@@ -423,3 +423,38 @@ def test_under_torchrun_every_process_resumes(tmp_path, tiny_weights, small_raw_
     assert reference.chapter_lines((run / "log.txt").read_text()) == reference.chapter_lines(
         (tmp_path / "whole" / "log.txt").read_text())
     assert json.loads((run / "metrics.json").read_text())["processes"] == 2
+
+
+# ------------------------------------------------------------------------- the final pass's splits
+
+def final_lines(out):
+    lines = out.splitlines()
+    after = lines[[i for i, x in enumerate(lines) if x.startswith("Training completed")][0] + 1:]
+    return [x for x in after if not x.startswith("Saved the fine-tuned")]
+
+
+def test_a_large_own_file_leaves_the_training_split_out_of_the_final_pass(
+        tmp_path, capsys, tiny_weights, monkeypatch):
+    train, val = write_own_files(tmp_path)
+    args = ["--weights", tiny_weights, "--train-file", train, "--val-file", val, "--test-frac",
+            "0.2", "--max-steps", "2", "--no-initial-eval", "--device", "cpu"]
+    small = main_out(capsys, args + ["--output-dir", tmp_path / "small"])
+    assert [x.split(":")[0] for x in final_lines(small)] == [
+        "Training accuracy", "Validation accuracy", "Test accuracy"]  # as the chapter does
+
+    monkeypatch.setattr(finetune, "FINAL_TRAIN_ROWS", 50)  # the training split has 96 rows
+    big = main_out(capsys, args + ["--output-dir", tmp_path / "big"])
+    assert final_lines(big) == [
+        "The final pass scores validation and test only (the training split's 96 rows are "
+        "over 50; --final-splits all scores it too)"] + final_lines(small)[1:]
+    metrics = json.loads((tmp_path / "big" / "metrics.json").read_text())
+    assert set(metrics["final_accuracy"]) == {"validation", "test"}
+
+    every = main_out(capsys, args + ["--output-dir", tmp_path / "all", "--final-splits", "all"])
+    assert final_lines(every) == final_lines(small)
+    one = main_out(capsys, args + ["--output-dir", tmp_path / "one", "--final-splits", "test"])
+    assert final_lines(one) == ["The final pass scores test only (--final-splits)",
+                                final_lines(small)[2]]
+    line = error_line(capsys, args + ["--output-dir", tmp_path / "bad", "--final-splits",
+                                      "valid"])
+    assert "--final-splits valid: give all, or some of train,validation,test" in line
