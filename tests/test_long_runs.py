@@ -458,3 +458,39 @@ def test_a_large_own_file_leaves_the_training_split_out_of_the_final_pass(
     line = error_line(capsys, args + ["--output-dir", tmp_path / "bad", "--final-splits",
                                       "valid"])
     assert "--final-splits valid: give all, or some of train,validation,test" in line
+
+
+def test_a_killed_overwrite_run_resumes_beside_the_finished_run(tmp_path, capsys, tiny_weights,
+                                                                small_raw_path):
+    """--overwrite builds the new run in DIR.unfinished: --resume DIR goes on with it there,
+    the finished run staying in DIR until the resumed one has finished."""
+    args = ["--weights", tiny_weights, "--data", small_raw_path, *QUICK, "--no-initial-eval"]
+    run = tmp_path / "run"
+    main_out(capsys, args + ["--output-dir", run, "--epochs", "1"])
+    old = (run / "run.json").read_bytes()
+    killed_run(tmp_path, args + ["--output-dir", run, "--overwrite"], 2)
+    assert (run / "run.json").read_bytes() == old
+    assert (tmp_path / "run.unfinished" / files.CHECKPOINT).is_file()
+    main_out(capsys, ["--resume", run])
+    main_out(capsys, args + ["--output-dir", tmp_path / "whole"])
+    assert_same_run(run, tmp_path / "whole")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run"]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_warning(tmp_path, capsys, tiny_weights,
+                                                          small_raw_path, monkeypatch):
+    import errno
+    real = files.write_atomic
+
+    def full(path, data, sync=False):
+        if Path(path).name == files.CHECKPOINT:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, sync)
+    monkeypatch.setattr(files, "write_atomic", full)
+    run = tmp_path / "run"
+    out = main_out(capsys, ["--weights", tiny_weights, "--data", small_raw_path, *QUICK,
+                            "--epochs", "2", "--output-dir", run])
+    warnings = [x for x in out.splitlines() if x.startswith("warning: could not write the "
+                                                             "checkpoint")]
+    assert len(warnings) == 2 and f"{run / files.CHECKPOINT}: the disk is full" in warnings[0]
+    assert (run / "run.json").is_file()  # training went on and finished
