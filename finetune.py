@@ -11,6 +11,8 @@ Read it beside the chapter: `calc_accuracy_loader`, `calc_loss_batch`, `calc_los
 names and in its order; `run` is the procedure as a short list of steps. It prints what the
 chapter prints (the same losses and accuracies, given the same weights), and leaves a run folder
 that `python evaluate.py --run DIR` uses (see files.py). Every flag is a TrainConfig field.
+`LongRun` attaches at the loop's seams what long runs need (checkpoints, `--resume DIR`,
+`--keep-best`, `--early-stopping`; see docs/long-runs.md).
 """
 
 import argparse
@@ -487,7 +489,7 @@ class LongRun:
     def epoch_end(self, model, epoch, examples_seen, global_step, history, ended):
         """After an epoch's accuracies: the best epoch, early stopping and the checkpoint.
         Returns True where training stops early."""
-        stop = self.score(model, epoch) if self.cfg.keep_best else False
+        stop = self.score(model, epoch) if self.cfg.keep_best and self.loaders else False
         if self.save and self.cfg.checkpoints:
             done = stop or ended or epoch + 1 == self.cfg.epochs
             self.checkpoint({"epoch": self.cfg.epochs if done else epoch + 1, "batch": 0,
@@ -588,8 +590,8 @@ def resume_config(cfg, given=None):
                          "again") from e
     default = TrainConfig()
     if given is None:
-        given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default,
-                                                                                  f.name)}
+        given = {f.name for f in fields(cfg)
+                 if getattr(cfg, f.name) != getattr(default, f.name)}
     for name in sorted(set(given) - ON_RESUME):
         now, then = getattr(cfg, name), getattr(recorded, name)
         if now != then:

@@ -490,7 +490,7 @@ def test_a_checkpoint_that_cannot_be_written_is_a_warning(tmp_path, capsys, tiny
     run = tmp_path / "run"
     out = main_out(capsys, ["--weights", tiny_weights, "--data", small_raw_path, *QUICK,
                             "--epochs", "2", "--output-dir", run])
-    warnings = [x for x in out.splitlines() if x.startswith("warning: could not write the "
-                                                             "checkpoint")]
+    warned = "warning: could not write the checkpoint"
+    warnings = [x for x in out.splitlines() if x.startswith(warned)]
     assert len(warnings) == 2 and f"{run / files.CHECKPOINT}: the disk is full" in warnings[0]
     assert (run / "run.json").is_file()  # training went on and finished
