@@ -219,14 +219,20 @@ def _umask():
     return mask
 
 
-def write_atomic(path, data):
-    """Write bytes to `path` through a temporary file, so it is either absent or complete."""
+def write_atomic(path, data, sync=False):
+    """Write bytes to `path` through a temporary file, so it is either absent or complete.
+    `data` may also be a function that writes to the open file (a large checkpoint, written
+    without a copy of it in memory); `sync` makes the bytes reach the disk before the rename,
+    so that a power cut too leaves the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
         os.replace(tmp, path)
     except OSError as e:  # a failed write() names no file: name the one that was not written
@@ -285,10 +291,15 @@ def save_model(tensors, path, metadata=None):
                             metadata=metadata))
 
 
+# An unfinished run's last checkpoint (finetune.py --resume goes on from it); a finished run
+# keeps none.
+CHECKPOINT = "checkpoint.pt"
+
 # Every file a run writes (run.json lists those of each finished run, too): --overwrite
 # replaces a folder only when it holds nothing else.
 RUN_FILES = {"run.json", "log.txt", "metrics.json", "model.safetensors", "trained.safetensors",
-             "loss-plot.pdf", "loss-plot.png", "accuracy-plot.pdf", "accuracy-plot.png"}
+             "loss-plot.pdf", "loss-plot.png", "accuracy-plot.pdf", "accuracy-plot.png",
+             CHECKPOINT}
 
 
 class RunFailed(Exception):
@@ -347,6 +358,41 @@ def plan_output_dir(cfg):
     return out, replace
 
 
+def plan_resume(folder):
+    """(run folder, whether it replaces a finished run, the folder holding the checkpoint) of
+    the unfinished run in `folder` that --resume goes on with: `folder` itself, or where it
+    holds a finished run that an --overwrite run was replacing, folder.unfinished (either may
+    be named). Raises ValueError, saying what to do, where there is nothing to resume."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--resume {folder}: no such folder; pass the run folder of the run "
+                         "to go on with")
+    out = folder
+    if folder.name.endswith(".unfinished") and (folder / CHECKPOINT).is_file():
+        named = folder.with_name(folder.name[:-len(".unfinished")])
+        out = named if is_finished(named) else folder
+    replace = is_finished(out) and (unfinished_path(out) / CHECKPOINT).is_file()
+    work = unfinished_path(out) if replace else out
+    if is_finished(work):
+        raise ValueError(f"--resume {folder}: the run there has finished (run.json); there is "
+                         f"nothing to resume: evaluate.py --run {folder} uses it, and "
+                         "--overwrite trains it again")
+    if not (work / CHECKPOINT).is_file():
+        raise ValueError(f"--resume {folder}: {work} holds no checkpoint ({CHECKPOINT}): its "
+                         "run stopped before its first epoch ended (or ran with "
+                         "--no-checkpoints); start it again: python finetune.py --output-dir "
+                         f"{out} with the run's flags")
+    return out, replace, work
+
+
+def drop_checkpoint(folder):
+    """Remove the checkpoint of a run that has just finished (its run.json written), with any
+    temporary file of one whose writing was cut short: a finished run keeps none."""
+    for p in [folder / CHECKPOINT, *folder.glob(CHECKPOINT + ".*.part")]:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 def check_free_space(out, tensors):
     """Refuse a run whose files will not fit on the disk, before training rather than after."""
     need = sum(t.numel() * t.element_size() for t in tensors.values()) + (2 << 20)  # + plots
@@ -390,12 +436,14 @@ class RunFolder:
     once it has finished (`swap_in`).
     """
 
-    def __init__(self, out, replace, errors=()):
+    def __init__(self, out, replace, errors=(), resumed_log=None):
         self.out, self.replace, self.log = out, replace, RunLog()
         self.errors = errors  # the caller's error types whose message is the error line
         self.work = unfinished_path(out) if replace else out
         self.made, self.lock = False, None
         self.run_id = uuid.uuid4().hex  # written into each of its files: they belong together
+        # --resume: the log as its checkpoint kept it (what came later is written again)
+        self.resumed_log = resumed_log
 
     def make(self):
         """Make the folder, holding it alone from here to the run's end (`hold`)."""
@@ -405,9 +453,12 @@ class RunFolder:
             raise ValueError(f"{self.out} holds a finished run now (another finetune.py finished "
                              "there meanwhile); pass --overwrite to replace it, or choose "
                              "another --output-dir")
-        if self.replace and work.exists():
+        if self.replace and work.exists() and self.resumed_log is None:
             shutil.rmtree(work)  # an earlier attempt that did not finish
         work.mkdir(parents=True, exist_ok=True)
+        if self.resumed_log is not None:
+            early, self.log.early = self.log.text(), io.StringIO()
+            self.log.early.write(self.resumed_log + early)
         self.log.file = open(work / "log.txt", "w", encoding="utf-8", buffering=1)
         self.log.file.write(self.log.text())
         self.made = True
@@ -447,6 +498,9 @@ class RunFolder:
         else:
             kept = (f"the finished run in {out} is unchanged; this run's log is in "
                     f"{work / 'log.txt'}")
+        if (work / CHECKPOINT).is_file():
+            kept += (f"; {work / CHECKPOINT} its last checkpoint: python finetune.py --resume "
+                     f"{out} goes on from there")
         if isinstance(e, KeyboardInterrupt):
             error, message = Interrupted, "interrupted"
         elif isinstance(e, OSError):

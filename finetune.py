@@ -11,6 +11,8 @@ Read it beside the chapter: `calc_accuracy_loader`, `calc_loss_batch`, `calc_los
 names and in its order; `run` is the procedure as a short list of steps. It prints what the
 chapter prints (the same losses and accuracies, given the same weights), and leaves a run folder
 that `python evaluate.py --run DIR` uses (see files.py). Every flag is a TrainConfig field.
+`LongRun` attaches at the loop's seams what long runs need (checkpoints, `--resume DIR`,
+`--keep-best`, `--early-stopping`; see docs/long-runs.md).
 """
 
 import argparse
@@ -18,11 +20,13 @@ import contextlib
 import io
 import math
 import platform
+import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -47,6 +51,10 @@ def option(default=None, help="", *, flags=None, group=None, **argparse_kw):
 
 
 OWN = "your own labelled data (instead of the SMS data)"
+LONG = "long runs: checkpoints, resuming, the best epoch, stopping early"
+# Own files with more training rows than this leave the training split out of the final pass
+# by default: on a 60,000-row file it took 4.6 of a 4.8-minute --max-steps 1 run.
+FINAL_TRAIN_ROWS = 10_000
 FORMATS = data.FORMATS  # (inside TrainConfig the field `data` hides the module)
 
 
@@ -154,6 +162,27 @@ class TrainConfig:
                          "norm, GELU) instead of fused kernels: the benchmarks' baseline")
     initial_eval: bool = option(True, flags=("--no-initial-eval",), action="store_false",
                                 help="skip the accuracies and losses printed before training")
+    final_splits: str = option(group=LONG, metavar="all|SPLIT,...", help="the splits whose "
+                               "accuracy the final pass scores in full: all, or some of "
+                               "train,validation,test (default: all; for own files with over "
+                               f"{FINAL_TRAIN_ROWS:,} training rows, validation and test, "
+                               "said in the log)")
+    checkpoints: bool = option(True, flags=("--no-checkpoints",), action="store_false",
+                               group=LONG, help="write no checkpoint (default: the unfinished "
+                               "run folder holds one, replaced at each epoch's end and removed "
+                               "once the run has finished, for --resume)")
+    checkpoint_every: int = option(type=int, metavar="N", group=LONG, help="also checkpoint "
+                                   "every N steps within an epoch (default: at epochs' ends "
+                                   "only)")
+    resume: str = option(metavar="DIR", nargs="?", const="", group=LONG, help="go on with the "
+                         "unfinished run in DIR (or --output-dir) from its last checkpoint, "
+                         "with its own flags: the same numbers as a run never stopped")
+    keep_best: str = option(choices=("val_loss", "val_accuracy"), group=LONG, help="score the "
+                            "whole validation split at each epoch's end and keep the best "
+                            "epoch's weights as the run's model (default: the last epoch's)")
+    early_stopping: int = option(type=int, metavar="N", group=LONG, help="with --keep-best: "
+                                 "end training after N epochs without a better score "
+                                 "(default: never)")
 
 
 # --------------------------------------------------- chapter 6: sections 6.6 and 6.7, in its order
@@ -224,14 +253,16 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_in
 
 
 def train_classifier_simple(model, loaders, optimizer, cfg, device, scaler=None,
-                            class_weights=None):
+                            class_weights=None, long_run=None):
     """The chapter's training loop: returns the history as a dict.
 
     Each step: zero grads, loss, backward, step. Every `eval_freq` steps the mean loss over the
     first `eval_iter` batches of train and validation; after each epoch the accuracy over the first
     `eval_iter` batches of each. With `accumulation_steps` K the gradients of K batches are summed
     (each loss divided by K, so they average) before one optimizer step; a last, shorter group
-    is stepped too. `class_weights` (a tensor, one per class) weights the loss.
+    is stepped too. `class_weights` (a tensor, one per class) weights the loss. `long_run` (a
+    LongRun) adds, at the loop's seams, what a long run asks for: the start of a resumed run,
+    checkpoints, the best epoch kept and stopping early.
     """
     train_loader, val_loader = loaders["train"], loaders["validation"]
     history = {"train_losses": [], "val_losses": [], "train_accs": [], "val_accs": [],
@@ -241,10 +272,13 @@ def train_classifier_simple(model, loaders, optimizer, cfg, device, scaler=None,
                "examples_per_epoch": len(train_loader) * (  # (a batch sampler: length groups)
                    train_loader.batch_size or train_loader.batch_sampler.batch_size)}
     scaler = scaler or torch.amp.GradScaler(enabled=False)
-    examples_seen, global_step, k = 0, -1, cfg.accumulation_steps
-    for epoch in range(cfg.epochs):
+    long_run = long_run or LongRun(cfg)
+    k = cfg.accumulation_steps
+    first_epoch, examples_seen, global_step = long_run.start(history)  # 0, 0, -1 unless resumed
+    for epoch in range(first_epoch, cfg.epochs):
         model.train()
-        for batch_idx, (input_batch, target_batch) in enumerate(progress(train_loader, epoch)):
+        for batch_idx, (input_batch, target_batch) in long_run.batches(
+                progress(train_loader, epoch), epoch):
             if batch_idx % k == 0:
                 optimizer.zero_grad(set_to_none=True)
             last = cfg.max_steps is not None and global_step + 2 >= cfg.max_steps  # --max-steps
@@ -278,7 +312,10 @@ def train_classifier_simple(model, loaders, optimizer, cfg, device, scaler=None,
                 for name, loss in (("training", train_loss), ("validation", val_loss)):
                     if not math.isfinite(loss) and (name == "training" or len(val_loader)):
                         raise diverged(f"the {name} loss is {loss}", global_step, epoch, cfg)
-            if cfg.max_steps is not None and global_step + 1 >= cfg.max_steps:
+            ended = cfg.max_steps is not None and global_step + 1 >= cfg.max_steps
+            if stepping and not ended:
+                long_run.after_step(epoch, batch_idx, examples_seen, global_step, history)
+            if ended:
                 break
 
         check_finite_weights(model, global_step, epoch, cfg)  # argmax of NaN is a number
@@ -289,7 +326,8 @@ def train_classifier_simple(model, loaders, optimizer, cfg, device, scaler=None,
         history["train_accs"].append(train_accuracy)
         history["val_accs"].append(val_accuracy)
         history["acc_examples_seen"].append(examples_seen)
-        if cfg.max_steps is not None and global_step + 1 >= cfg.max_steps:
+        ended = cfg.max_steps is not None and global_step + 1 >= cfg.max_steps
+        if long_run.epoch_end(model, epoch, examples_seen, global_step, history, ended) or ended:
             break
     history["examples_seen"], history["steps"] = examples_seen, global_step + 1
     return history
@@ -356,6 +394,256 @@ def check_finite_weights(model, step, epoch, cfg):
         raise diverged(f"the weight {bad[0]} holds NaN or infinite values", step, epoch, cfg)
 
 
+# ----------------------------------------------------------- long runs: checkpoints, the best epoch
+
+# What a checkpoint holds changes with this number; --resume refuses a checkpoint of another.
+CHECKPOINT_FORMAT = 1
+# Flags a resumed run may be given anew: they change when it writes, not what it computes.
+ON_RESUME = {"resume", "output_dir", "checkpoints", "checkpoint_every", "final_splits"}
+METRICS = {"val_loss": "validation loss", "val_accuracy": "validation accuracy"}
+
+
+def rng_state():
+    """Every random generator a run draws from: torch's (the loaders draw their order from it,
+    each time an iteration starts), CUDA's, numpy's and Python's. The loaders and samplers own
+    none: they draw from torch's."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [v.tolist() if isinstance(v, np.ndarray) else v
+                       for v in np.random.get_state()]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_tensors(model):
+    """{name: tensor} of what training changes (the trainable parameters, the head's among
+    them): all that a checkpoint or the best epoch needs of the weights, the rest being the
+    base's."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class LongRun:
+    """What a long run adds around the chapter's loop, each part off unless asked for.
+
+    - checkpoints (`cfg.checkpoints`, `cfg.checkpoint_every`): at each epoch's end (and every N
+      steps) the unfinished run folder `work` gets `files.CHECKPOINT`, written whole or not at
+      all: what training changed, the optimizer's and the scaler's state, every random
+      generator's, the history and the log so far; `resumed` (a checkpoint read back) makes
+      the loop go on from there, drawing exactly what the run never stopped would have drawn;
+    - the best epoch (`cfg.keep_best`): the whole validation split scored at each epoch's end
+      (its draws on a fork of the RNG, so the run's own draws are the same with it as without),
+      the best epoch's weights kept, and (`cfg.early_stopping`) the training ended after N
+      epochs without a better score.
+
+    The loop calls `start`, `batches`, `after_step` and `epoch_end`; `LongRun(cfg)` alone does
+    nothing at them. `model` is the GPTModel under training; `save` (a function of the
+    checkpoint's dict) writes a checkpoint; without it (under torchrun, on ranks other than
+    0) none is written.
+    """
+
+    def __init__(self, cfg, model=None, loaders=None, device=None, class_weights=None,
+                 save=None, resumed=None):
+        self.cfg, self.model, self.loaders, self.device = cfg, model, loaders, device
+        self.class_weights, self.save = class_weights, save
+        self.resumed = resumed
+        self.best = resumed["best"] if resumed else None  # {"epoch", "score", "tensors"}
+        self.epoch_rng = None  # torch's RNG as the current epoch's loader began to draw
+
+    def start(self, history):
+        """(first epoch, examples seen, last step) where the loop starts, with the history and
+        the generators as they were there."""
+        if self.resumed is None:
+            return 0, 0, -1
+        history.update(self.resumed["history"])
+        point = self.resumed["point"]
+        set_rng_state(point["rng"])  # (an epoch begun anew draws its order in `batches`)
+        return point["epoch"], history["examples_seen"], history["steps"] - 1
+
+    def batches(self, loader, epoch):
+        """enumerate(loader) for this epoch; in the epoch a checkpoint cut, the batches after
+        the ones done (the order drawn again from the epoch's start, then the RNG as it was at
+        the cut)."""
+        point = self.resumed["point"] if self.resumed else None
+        if point is None or point["epoch"] != epoch or not point["batch"]:
+            self.epoch_rng = torch.get_rng_state()
+            yield from enumerate(loader)
+            return
+        self.resumed = None  # (only the epoch it cut)
+        torch.set_rng_state(point["epoch_rng"])
+        self.epoch_rng = point["epoch_rng"]
+        batches = enumerate(loader)
+        for _ in range(point["batch"]):  # the loader draws this epoch's order at the first
+            next(batches)
+        set_rng_state(point["rng"])
+        yield from batches
+
+    def after_step(self, epoch, batch_idx, examples_seen, global_step, history):
+        """After an optimizer step: a checkpoint every --checkpoint-every steps."""
+        every = self.cfg.checkpoint_every
+        if self.save and self.cfg.checkpoints and every and (global_step + 1) % every == 0:
+            self.checkpoint({"epoch": epoch, "batch": batch_idx + 1,
+                             "epoch_rng": self.epoch_rng, "rng": rng_state()},
+                            history, examples_seen, global_step)
+
+    def epoch_end(self, model, epoch, examples_seen, global_step, history, ended):
+        """After an epoch's accuracies: the best epoch, early stopping and the checkpoint.
+        Returns True where training stops early."""
+        stop = self.score(model, epoch) if self.cfg.keep_best and self.loaders else False
+        if self.save and self.cfg.checkpoints:
+            done = stop or ended or epoch + 1 == self.cfg.epochs
+            self.checkpoint({"epoch": self.cfg.epochs if done else epoch + 1, "batch": 0,
+                             "rng": rng_state()}, history, examples_seen, global_step)
+        return stop
+
+    def score(self, model, epoch):
+        """--keep-best: the whole validation split's loss and accuracy, printed; the weights
+        kept where the score is the best yet. Returns True where --early-stopping ends
+        training."""
+        val = self.loaders["validation"]
+        with torch.random.fork_rng(devices=[]):  # a loader's iteration draws from torch's RNG
+            model.eval()
+            with torch.no_grad():
+                loss = calc_loss_loader(val, model, self.device, None, self.cfg.ignore_index,
+                                        self.class_weights)
+            accuracy = calc_accuracy_loader(val, model, self.device)
+        metric = self.cfg.keep_best
+        score = loss if metric == "val_loss" else accuracy
+        best = self.best
+        if best is None or (score < best["score"] if metric == "val_loss" else
+                            score > best["score"]):
+            best = self.best = {"epoch": epoch + 1, "score": score, "tensors": {
+                n: t.to("cpu", copy=True) for n, t in trainable_tensors(self.model).items()}}
+        mark = "best so far" if best["epoch"] == epoch + 1 else f"best: epoch {best['epoch']}"
+        print(f"Whole validation split ({len(val.dataset)} examples): loss {loss:.3f}, "
+              f"accuracy {accuracy*100:.2f}% ({mark})", flush=True)
+        waited, patience = epoch + 1 - best["epoch"], self.cfg.early_stopping
+        if patience and waited >= patience and epoch + 1 < self.cfg.epochs:
+            print(f"Early stopping: no better {METRICS[metric]} in the {waited} epochs since "
+                  f"epoch {best['epoch']}; training ends after epoch {epoch + 1} of "
+                  f"{self.cfg.epochs}", flush=True)
+            return True
+        return False
+
+    def checkpoint(self, point, history, examples_seen, global_step):
+        history = {**history, "examples_seen": examples_seen, "steps": global_step + 1}
+        self.save({"point": point, "history": history, "best": self.best,
+                   "trained": trainable_tensors(self.model)})
+
+    def keep_best(self):
+        """--keep-best: the best epoch's weights put back into the model, said in the log;
+        returns what run.json records of it (None without --keep-best)."""
+        if not self.cfg.keep_best:
+            return None
+        best = self.best
+        with torch.no_grad():
+            for n, t in trainable_tensors(self.model).items():
+                t.copy_(best["tensors"][n])
+        metric = METRICS[self.cfg.keep_best]
+        shown = f"{best['score']:.3f}" if self.cfg.keep_best == "val_loss" else \
+            f"{best['score']*100:.2f}%"
+        print(f"Kept the weights of epoch {best['epoch']}, the best {metric} ({shown}); the "
+              "accuracies below are theirs")
+        return {"metric": self.cfg.keep_best, "epoch": best["epoch"], "score": best["score"]}
+
+
+def read_checkpoint(path):
+    """A checkpoint written by LongRun, read back (tensors memory-mapped, not copied);
+    ValueError, saying what to do, where it is damaged or of another version."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # cut short, overwritten, not a checkpoint: torch raises many kinds
+        raise ValueError(f"the checkpoint {path} is damaged ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); nothing can "
+                         "be resumed from it: start the run again") from e
+    version = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if version != CHECKPOINT_FORMAT:
+        raise ValueError(f"the checkpoint {path} was written by another version of "
+                         f"finetune.py (checkpoint format {version}; this one reads "
+                         f"{CHECKPOINT_FORMAT}); finish the run with that version, or start "
+                         "it again")
+    return ckpt
+
+
+def flag_name(name):
+    """The flag of a TrainConfig field, as the command line spells it."""
+    f = {f.name: f for f in fields(TrainConfig)}[name]
+    return (f.metadata.get("flags") or ["--" + name.replace("_", "-")])[0]
+
+
+def resume_config(cfg, given=None):
+    """--resume: (the run's own TrainConfig, (out, replace, work, checkpoint)). `given` names
+    the fields the command line set (default: those that differ from the defaults); each must
+    equal the run's own (ValueError naming the one that does not), except ON_RESUME's."""
+    folder = cfg.resume or cfg.output_dir
+    if not folder:
+        raise ValueError("--resume needs the run folder: --resume DIR, or --output-dir DIR "
+                         "--resume")
+    out, replace_, work = files.plan_resume(folder)
+    path = work / files.CHECKPOINT
+    ckpt = read_checkpoint(path)
+    try:
+        recorded = TrainConfig(**ckpt["flags"])
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"the checkpoint {path} was written by another version of "
+                         f"finetune.py ({e}); finish the run with that version, or start it "
+                         "again") from e
+    default = TrainConfig()
+    if given is None:
+        given = {f.name for f in fields(cfg)
+                 if getattr(cfg, f.name) != getattr(default, f.name)}
+    for name in sorted(set(given) - ON_RESUME):
+        now, then = getattr(cfg, name), getattr(recorded, name)
+        if now != then:
+            flag = flag_name(name)
+            said = flag if isinstance(now, bool) else f"{flag} {now}"
+            was = (f"ran without {flag}" if isinstance(now, bool) else
+                   f"ran with {flag} {then}" if then is not None else f"ran without {flag}")
+            raise ValueError(f"--resume goes on with the run's own flags, but {said} would "
+                             f"change it: it {was} ({path}); drop {flag}")
+    keep = {n: getattr(cfg, n) for n in ON_RESUME - {"resume", "output_dir"} if n in given}
+    cfg = replace(recorded, **keep, resume=str(folder), output_dir=str(out))
+    return cfg, (out, replace_, work, ckpt)
+
+
+def check_checkpoint_fits(ckpt, path, model, base, source):
+    """Refuse (ValueError) a checkpoint made from other base weights or other data than the
+    run's are now: it would go on as a silently different run."""
+    if ckpt["model"] != asdict(model.cfg) or ckpt["base"] != base:
+        def named(b):
+            return "random weights" if b is None else \
+                f"{b['weights']} (sha256 {b['sha256'][:12]}...)"
+        raise ValueError(f"the checkpoint {path} was trained from other base weights than "
+                         f"--weights gives now: {named(ckpt['base'])} then, {named(base)} now;"
+                         " put those weights back, or start the run again")
+    if ckpt["data"] != source:
+        raise ValueError(f"the checkpoint {path} was trained on other data than the run's "
+                         "files hold now (their sha256 differs); put the files back as they "
+                         "were, or start the run again")
+
+
+def load_checkpoint(ckpt, path, model):
+    """What training changed, from the checkpoint into the set-up model (ValueError where the
+    checkpoint's tensors do not fit it)."""
+    own, saved = trainable_tensors(model), ckpt["trained"]
+    wrong = sorted(n for n in own.keys() & saved.keys() if own[n].shape != saved[n].shape)
+    if own.keys() != saved.keys() or wrong:
+        odd = sorted(own.keys() ^ saved.keys()) + wrong
+        raise ValueError(f"the checkpoint {path} does not fit the model ({', '.join(odd[:3])}"
+                         "); start the run again")
+    with torch.no_grad():
+        for n, t in own.items():
+            t.copy_(saved[n])
+
+
 def progress(loader, epoch):
     """A progress bar over an epoch's batches, on stderr and only in a terminal (tqdm)."""
     return files.progress(loader, desc=f"Epoch {epoch + 1}", unit="batch")
@@ -401,6 +689,25 @@ def weights_to_save(model, base, merge=True):
         gpt.merge_lora(model)  # a plain GPT-2 with a class head
         state = model.state_dict()
     return "model.safetensors", state
+
+
+def checkpoint_estimate(model, base, cfg):
+    """Tensors as large as what the run folder holds at most while checkpoints are written: the
+    weights file, and two checkpoints (the old one stays until the new one is whole) each of
+    the trained tensors, AdamW's two moments of each and, with --keep-best, the best epoch's."""
+    trained = list(trainable_tensors(model).values())
+    copies = 2 * (3 + bool(cfg.keep_best))
+    return {**weights_to_save(model, base, merge=False)[1],
+            **{f"checkpoint.{i}": t for i, t in enumerate(trained * copies)}}
+
+
+def resumed_at(ckpt, cfg):
+    """Where a checkpoint cut the run, in words."""
+    point, steps = ckpt["point"], ckpt["history"]["steps"]
+    if point["batch"]:
+        return f"step {steps}, within epoch {point['epoch'] + 1} of {cfg.epochs}"
+    done = len(ckpt["history"]["train_accs"])
+    return f"epoch {done} of {cfg.epochs} done, step {steps}"
 
 
 def dropped_examples(loader):
@@ -451,6 +758,16 @@ def check_config(cfg):
         raise ValueError("--context-length batch pads each batch only to its own longest text, "
                          "so the last position (or the mean of all) would depend on the batch; "
                          "use --token-position flexible, or --context-length longest")
+    for name in ("checkpoint_every", "early_stopping"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be 1 or more")
+    if cfg.early_stopping and not cfg.keep_best:
+        raise ValueError("--early-stopping needs --keep-best val_loss or val_accuracy: the "
+                         "score it watches, and the epoch whose weights the run keeps")
+    if cfg.final_splits is not None and cfg.final_splits != "all" and not set(
+            cfg.final_splits.split(",")) <= set(data.SPLIT_TITLES):
+        raise ValueError(f"--final-splits {cfg.final_splits}: give all, or some of "
+                         "train,validation,test separated by commas (such as validation,test)")
     class_weight_values(cfg.class_weights)  # refuses a malformed list early
 
 
@@ -672,6 +989,26 @@ def look_before_training(classifier, loaders, cfg, device, weight):
         print(f"{data.SPLIT_TITLES[s]} loss: {loss:.3f}")
 
 
+def final_splits(cfg, datasets):
+    """The splits the final pass scores (--final-splits), and the log's line saying which
+    where it is not all of them (None where it is: the chapter's log)."""
+    spec, have = cfg.final_splits, list(datasets)
+    if spec is None:
+        big = cfg.train_file is not None and len(datasets["train"]) > FINAL_TRAIN_ROWS
+        if not big:
+            return have, None
+        names = have[1:]
+        why = (f"the training split's {len(datasets['train']):,} rows are over "
+               f"{FINAL_TRAIN_ROWS:,}; --final-splits all scores it too")
+    else:
+        names = have if spec == "all" else [n for n in have if n in spec.split(",")]
+        why = "--final-splits"
+        if names == have:
+            return have, None
+    shown = " and ".join(names) or "none"
+    return names, f"The final pass scores {shown} only ({why})"
+
+
 def final_accuracies(classifier, loaders, device):
     """Step 6: accuracy over the whole of each split, through the chapter's loaders, printed."""
     names = list(loaders)
@@ -704,13 +1041,20 @@ def save_run(work, out, folder, model, base, cfg, history, final, run_info, timi
         files.write_run(work, tensors, metrics, info, plots)
     except OSError as e:  # a full disk, say: the trained model is saved elsewhere if it can
         raise files.RunFailed(files.rescue(e, tensors, metrics, info, plots, folder.log)) from e
+    files.drop_checkpoint(work)  # after run.json: until then, a resume can still use it
     print(f"Saved the fine-tuned model to {out}")
 
 
-def run(cfg):
+def run(cfg, given=None):
     """The whole chapter-6 procedure, in its order; returns the run folder. Raises ValueError,
     data.DataError, gpt.WeightsError for bad input (checked before the run folder is touched),
-    files.RunFailed or files.Interrupted for a run that failed or was stopped later."""
+    files.RunFailed or files.Interrupted for a run that failed or was stopped later. With
+    `cfg.resume` set, goes on with that unfinished run from its checkpoint, with its own flags
+    (`given`: the fields the command line set, which must not change them; see
+    resume_config)."""
+    resumed = None
+    if cfg.resume is not None:
+        cfg, (out, replace_, work, resumed) = resume_config(cfg, given)
     check_config(cfg)
     position, ctx = data_choices(cfg)
     device = ddp.device_for_rank(ddp.select_device(cfg.device))  # torchrun: LOCAL_RANK's GPU
@@ -721,14 +1065,19 @@ def run(cfg):
                          "--tf32, or pass --device cuda")
     if cfg.tf32:  # off by default (full fp32), as PyTorch's own default
         torch.backends.cuda.matmul.fp32_precision = "tf32"
-    if ddp.is_main():
-        out, replace = files.plan_output_dir(cfg)
-        folder = files.RunFolder(out, replace, errors=ERRORS)
-    else:  # under torchrun rank 0 alone prints and writes the run folder
+    if not ddp.is_main():  # under torchrun rank 0 alone prints and writes the run folder
         out, folder = None, files.NoFolder()
+    elif resumed:
+        folder = files.RunFolder(out, replace_, errors=ERRORS, resumed_log=resumed["log"])
+    else:
+        out, replace_ = files.plan_output_dir(cfg)
+        folder = files.RunFolder(out, replace_, errors=ERRORS)
     start = time.time()
     log = files.Tee(sys.stdout, folder.log) if out else folder.log
     with folder, contextlib.redirect_stdout(log):
+        if resumed:
+            print(f"Resumed {out} from its checkpoint ({resumed_at(resumed, cfg)}); the log "
+                  "goes on from there")
         print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision}"
               f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''})")
         labelled = load_data(cfg)  # 1
@@ -737,6 +1086,9 @@ def run(cfg):
                                device)  # on the device: every loss, from the first, uses it
         torch.manual_seed(cfg.seed)  # 2: the initial weights, where they are random
         model, base = load_model(cfg)
+        if resumed:
+            check_checkpoint_fits(resumed, work / files.CHECKPOINT, model, base,
+                                  labelled.source)
         datasets, pad = make_datasets(cfg, splits, model.cfg.context_length, ctx)  # 3
         torch.manual_seed(cfg.seed)  # 4: the loaders (the chapter's order; they draw later)
         loaders = make_loaders(cfg, datasets, class_names, device)
@@ -744,17 +1096,24 @@ def run(cfg):
         gpt.setup_classifier(model, len(class_names), cfg.trainable_layers,
                              cfg.lora_rank, cfg.lora_alpha)
         model.to(device)
+        if resumed:
+            load_checkpoint(resumed, work / files.CHECKPOINT, model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"Trainable parameters: {n_train:,} of {n_all:,}")
+        if cfg.keep_best and len(loaders["validation"]) == 0:
+            raise ValueError("--keep-best scores the validation split, but this run has none; "
+                             "give --val-file or a --val-frac above 0")
         if out:  # the weights file must fit on the run folder's disk: known now, before training
+            if cfg.checkpoints:  # and with it the checkpoint: twice, while one replaces another
+                files.check_free_space(out, checkpoint_estimate(model, base, cfg))
             files.check_free_space(out, weights_to_save(model, base, merge=False)[1])
         ddp.barrier()  # under torchrun: every process has passed its checks too
 
         # Every input has passed its checks: only now is the run folder made. From here on a
         # failure keeps the log, the error line in it (a finished run being replaced: as it was).
         work = folder.make()
-        if cfg.initial_eval:  # own classifier and cache: training starts cold
+        if cfg.initial_eval and not resumed:  # own classifier and cache: training starts cold
             before, _ = build_classifier(model, cfg, device, position=position)
             torch.manual_seed(cfg.seed)  # the look draws the training loader's order; reseeded
             look_before_training(before, loaders, cfg, device, weight)
@@ -763,7 +1122,7 @@ def run(cfg):
         # Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
         classifier, note = build_classifier(model, cfg, device, on_full=print, position=position)
         warm_up(device)  # the device's start-up (CUDA's libraries) outside the timed phase
-        start_time = time.time()
+        start_time = time.time() - (resumed["train_seconds"] if resumed else 0)
         torch.manual_seed(cfg.seed)
         optimizer = build_optimizer(model, cfg, device)
         print(shortcuts.describe(classifier, optimizer, cfg.precision) if shortcuts_on(cfg) else
@@ -773,17 +1132,37 @@ def run(cfg):
         shortcuts.prefill(classifier, loaders, cfg)  # inside the timed phase: the loop's work
         classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        if resumed:
+            optimizer.load_state_dict(resumed["optimizer"])
+            scaler.load_state_dict(resumed["scaler"])
+
+        def save(state):  # a checkpoint: what LongRun gives, with what resuming checks
+            state = {"format": CHECKPOINT_FORMAT, **state, "flags": asdict(cfg),
+                     "model": asdict(model.cfg), "base": base, "data": labelled.source,
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "log": folder.log.text(), "train_seconds": time.time() - start_time}
+            try:
+                files.write_atomic(work / files.CHECKPOINT, lambda f: torch.save(state, f),
+                                   sync=True)
+            except OSError as e:  # a full disk, say: training goes on; the last one is kept
+                print(f"warning: could not write the checkpoint: {files.describe_os_error(e)};"
+                      " training goes on (the previous checkpoint, if any, is kept)")
+        long_run = LongRun(cfg, model, loaders, device, weight, save if out else None, resumed)
         history = train_classifier_simple(classifier, loaders, optimizer, cfg, device, scaler,
-                                          weight)
+                                          weight, long_run)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_minutes = (time.time() - start_time) / 60
         print(f"Training completed in {train_minutes:.2f} minutes.")
+        best = long_run.keep_best()
 
         # 6. The training loader shuffles and drops its last partial batch, so this pass leaves
         # out a few examples (5 of 1,045); run.json names them so evaluate.py leaves out the same.
         dropped = dropped_examples(loaders["train"])
-        final = final_accuracies(classifier, loaders, device)
+        names, said = final_splits(cfg, datasets)
+        if said:
+            print(said)
+        final = final_accuracies(classifier, {n: loaders[n] for n in names}, device)
         if not ddp.is_main():
             return None  # rank 0 writes the run folder
         run_info = {
@@ -793,7 +1172,7 @@ def run(cfg):
             "average_embeddings": cfg.average_embeddings,
             "splits": {n: len(ds) for n, ds in datasets.items()}, "precision": cfg.precision,
             "batch_size": cfg.batch_size, "final_train_dropped": dropped,
-            "data": labelled.source}
+            "data": labelled.source, **({"best_epoch": best} if best else {})}
         timing = {"train_minutes": train_minutes, "total_minutes": (time.time() - start) / 60,
                   "device": str(device), "device_name": device_name(device)}
         save_run(work, out, folder, model, base, cfg, history, final, run_info, timing)  # 7
@@ -806,9 +1185,9 @@ def run(cfg):
 ERRORS = (ValueError, data.DataError, gpt.WeightsError, Diverged, files.RunFailed, OSError)
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, defaults=True):
     """TrainConfig from the command line: one flag per field, its help and default from the
-    field (see `option`)."""
+    field (see `option`). `defaults=False`: a dict of only the flags the command line gives."""
     p = argparse.ArgumentParser(description="Fine-tune GPT-2 to classify text: chapter 6's run "
                                 "(sections 6.4-6.8) on its SMS spam data, or on your own "
                                 "labelled files; by default through exact shortcuts.")
@@ -822,17 +1201,19 @@ def parse_args(argv=None):
         elif "choices" not in kw and f.type is not str:
             kw.setdefault("type", f.type)
         target.add_argument(*(flags or ["--" + f.name.replace("_", "-")]), dest=f.name,
-                            default=f.default, help=help_.format(default=f.default), **kw)
+                            default=f.default if defaults else argparse.SUPPRESS,
+                            help=help_.format(default=f.default), **kw)
     # older command lines: --fast was the shortcuts' flag when they were off by default
-    p.add_argument("--fast", dest="shortcuts", action="store_true", help=argparse.SUPPRESS)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    p.add_argument("--fast", dest="shortcuts", action="store_true", help=argparse.SUPPRESS,
+                   **({} if defaults else {"default": argparse.SUPPRESS}))
+    return TrainConfig(**vars(p.parse_args(argv))) if defaults else vars(p.parse_args(argv))
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     try:
         ddp.init()  # a no-op unless torchrun started this process
-        run(cfg)
+        run(cfg, set(parse_args(argv, defaults=False)))
     except ERRORS as e:
         # Under torchrun the first process to fail says why; torchrun then stops the others.
         sys.exit(f"error: {files.describe_os_error(e) if isinstance(e, OSError) else e}"
