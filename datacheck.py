@@ -168,3 +168,15 @@ def record_conflicts(records, path):
     found = [(t, labels) for t, labels in by.items() if len(labels) > 1]
     return {"file": str(path), "texts": len(found),
             "examples": [{"text": _shown(t), "labels": dict(labels)} for t, labels in found]}
+
+
+def check_datasets(splits, datasets, class_names, conflicts=()):
+    """`check` of a run's splits with what their data.TextDatasets know: each text's tokens
+    (after any cut), how many were cut and at what max_length; `conflicts`: record_conflicts
+    of the user's files, added to the report as "files"."""
+    report = check(splits, class_names,
+                   lengths={n: ds.lengths() for n, ds in datasets.items()},
+                   cut={n: len(ds.cut) for n, ds in datasets.items()},
+                   max_length=next(iter(datasets.values())).max_length)
+    report["files"] = [c for c in conflicts if c["texts"]]
+    return report

@@ -51,23 +51,26 @@ def probabilities(logits, temperature=1.0):
     return np.exp(log_softmax(logits, temperature))
 
 
-def split_logits(classifier, dataset, device, batch_size=64):
-    """(logits (N, C) float64, labels (N,)) of a data.TextDataset, in its order. Batches are
-    made here, not by a DataLoader, whose every iteration draws a seed from torch's global RNG:
-    this pass draws nothing. `classifier` maps token ids (B, T) to class logits (B, C)."""
+def split_logits(classifier, dataset, device, batch_size=64, leave_out=()):
+    """(logits (N, C) float64, labels (N,)) of a data.TextDataset, in its order, without the
+    indices in `leave_out`. Batches are made here, not by a DataLoader, whose every iteration
+    draws a seed from torch's global RNG: this pass draws nothing. `classifier` maps token ids
+    (B, T) to class logits (B, C)."""
     if dataset.pad is False:
         batch_size = 1  # texts of their own lengths
+    leave_out = set(leave_out)
+    order = [i for i in range(len(dataset)) if i not in leave_out]
     classifier.eval()
     logits = []
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        for start in range(0, len(order), batch_size):
+            items = [dataset[i] for i in order[start:start + batch_size]]
             ids = data.pad_batch(items)[0] if dataset.pad == "batch" else \
                 torch.stack([x for x, _ in items])
             logits.append(classifier(ids.to(device)).float().cpu().numpy())
     n_classes = logits[0].shape[1] if logits else 0
     return (np.concatenate(logits).astype(np.float64) if logits else np.zeros((0, n_classes)),
-            np.asarray(dataset.labels, dtype=np.int64))
+            np.asarray([dataset.labels[i] for i in order], dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------------- the scores
@@ -494,3 +497,51 @@ def score_table(scores, calibrated):
             f" {'n/a' if s[key] is None else format(s[key], '.4f'):>10}"
             for key, _ in SCORE_COLUMNS))
     return lines
+
+
+# ---------------------------------------------------------------------------- after training
+
+def check_target(target, positive, class_names, val_labels):
+    """--target and --positive-class against the run's classes and validation split, before
+    anything is trained: (the positive class's index or None, a warning line or None).
+    ValueError where they cannot work."""
+    if target is None:
+        if positive is not None:
+            positive_index(class_names, positive)  # a wrong name is refused all the same
+        return None, None
+    metric, _ = parse_target(target)
+    k = positive_index(class_names, positive, target)
+    return k, check_support(val_labels, k, metric)
+
+
+def assess(classifier, datasets, class_names, device, target=None, positive=None,
+           leave_out=None):
+    """After training, on each split of `datasets` (data.TextDatasets): the logits, the
+    temperature fitted on the validation split, the scores beyond accuracy under it, and with
+    `target` the operating point for the positive class (index `positive`). `leave_out`:
+    {split: indices} to leave out (the training examples the chapter's final pass drops).
+
+    Returns (record, lines): record = {"calibration" (None without a validation split),
+    "decision" (None without a target, or where it cannot be met), "scores": {split: ...},
+    "logits": {split: (logits, labels)}}; lines for the log."""
+    leave_out = leave_out or {}
+    logits = {name: split_logits(classifier, ds, device, leave_out=leave_out.get(name, ()))
+              for name, ds in datasets.items()}
+    val = logits.get("validation")
+    cal = calibration(*val) if val is not None and len(val[1]) else None
+    t = cal["temperature"] if cal else 1.0
+    scores = {}
+    for name, (z, y) in logits.items():
+        if not len(y):
+            continue
+        scores[name] = {**probability_scores(z, y, t), "calibrated": cal is not None,
+                        "uncalibrated": {"log_loss": nll(z, y, 1.0),
+                                         "ece": ece(probabilities(z), y)}}
+    lines = [calibration_line(cal)] if cal else []
+    lines += score_table(scores, cal is not None)
+    decision = None
+    if target is not None and val is not None:
+        decision, more = operating_point(target, positive, class_names, *val, t,
+                                         logits.get("test"))
+        lines += more
+    return {"calibration": cal, "decision": decision, "scores": scores, "logits": logits}, lines

@@ -98,3 +98,14 @@ def test_the_chapter_split_has_leaks(raw_path):
     assert r["leaks"]["train/validation"]["examples"] == 14
     assert r["splits"]["train"]["duplicates"]["examples"] == 54
     assert r["conflicts"]["texts"] == 0
+
+
+def test_check_datasets_counts_one_token_and_cut_texts():
+    tok = data.get_tokenizer()
+    splits = {"train": [(0, "hi"), (1, "win a big cash prize now")], "validation": [(0, "hi")]}
+    datasets = {"train": data.TextDataset(splits["train"], tok, max_length=3)}
+    datasets["validation"] = data.TextDataset(splits["validation"], tok, 3)
+    r = datacheck.check_datasets(splits, datasets, NAMES)
+    assert r["max_length"] == 3
+    assert r["splits"]["train"]["one_token"] == 1 and r["splits"]["train"]["cut"]["examples"] == 1
+    assert r["leaks"]["train/validation"]["examples"] == 1 and r["files"] == []

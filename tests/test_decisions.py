@@ -294,3 +294,40 @@ def test_the_score_table_is_no_chapter_line():
     assert len(lines) == 5 and not any(CHAPTER_LINE.match(line) for line in lines)
     assert decisions.calibration_line(decisions.calibration(z, labels)).startswith(
         "Calibration: temperature")
+
+
+def test_assess_after_training_draws_nothing_and_keeps_argmax():
+    torch.manual_seed(0)
+    model = gpt.GPTModel(gpt.GPTConfig(vocab_size=50257, context_length=32, emb_dim=16,
+                                       n_heads=2, n_layers=1))
+    gpt.add_classification_head(model, 2)
+    classifier = gpt.Classifier(model.eval())
+    tok = data.get_tokenizer()
+    rows = [(i % 2, f"{'win cash' if i % 2 else 'see you'} {i}") for i in range(90)]
+    train = data.TextDataset(rows[:50], tok)
+    datasets = {"train": train,
+                "validation": data.TextDataset(rows[50:70], tok, train.max_length),
+                "test": data.TextDataset(rows[70:], tok, train.max_length)}
+    state = torch.get_rng_state()
+    record, lines = decisions.assess(classifier, datasets, ["ham", "spam"], torch.device("cpu"),
+                                     "recall=0.5", 1, leave_out={"train": [0, 1, 2]})
+    assert torch.equal(torch.get_rng_state(), state)
+    assert set(record["scores"]) == {"train", "validation", "test"}
+    assert record["scores"]["train"]["examples"] == 47
+    z, y = record["logits"]["validation"]
+    assert record["calibration"]["temperature"] == decisions.fit_temperature(z, y)
+    assert record["decision"]["validation"]["recall"] >= 0.5
+    assert "test" in record["decision"]
+    assert lines[0].startswith("Calibration: temperature")
+    assert not any(CHAPTER_LINE.match(line) for line in lines)
+
+
+def test_check_target_before_training():
+    assert decisions.check_target(None, None, ["a", "b"], [0, 1]) == (None, None)
+    assert decisions.check_target("precision=0.9", None, ["a", "b"], [0, 1] * 30) == (1, None)
+    with pytest.raises(ValueError, match="--positive-class NAME"):
+        decisions.check_target("precision=0.9", None, ["a", "b", "c"], [0, 1, 2])
+    with pytest.raises(ValueError, match="not a class of the run"):
+        decisions.check_target(None, "d", ["a", "b", "c"], [0, 1, 2])
+    with pytest.raises(ValueError, match="has 0 positive"):
+        decisions.check_target("recall=0.9", "c", ["a", "b", "c"], [0, 1, 1])
