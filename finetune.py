@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import io
 import math
+import os
 import platform
 import random
 import sys
@@ -183,6 +184,10 @@ class TrainConfig:
     early_stopping: int = option(type=int, metavar="N", group=LONG, help="with --keep-best: "
                                  "end training after N epochs without a better score "
                                  "(default: never)")
+    deterministic: bool = option(False, group=LONG, help="PyTorch's deterministic algorithms "
+                                 "(and on CUDA cuBLAS's fixed workspace), so that a run and its "
+                                 "resumed form give the same bits on GPUs too, where kernels may "
+                                 "otherwise add in any order; slower (on a CPU nothing changes)")
 
 
 # --------------------------------------------------- chapter 6: sections 6.6 and 6.7, in its order
@@ -710,6 +715,16 @@ def resumed_at(ckpt, cfg):
     return f"epoch {done} of {cfg.epochs} done, step {steps}"
 
 
+def threads_note(ckpt):
+    """A note where a run resumes with another number of CPU threads than it ran with (None
+    where the same): no kernel promises the same bits across thread counts."""
+    then, now = ckpt.get("threads"), torch.get_num_threads()
+    if then is None or then == now:
+        return None
+    return (f"note: the run ran on {then} CPU threads and resumes on {now}: its numbers are the "
+            f"same up to float rounding, not bit for bit (OMP_NUM_THREADS={then} gives those)")
+
+
 def dropped_examples(loader):
     """Indices of the examples that the next pass over `loader` leaves out (drop_last).
 
@@ -832,13 +847,15 @@ def build_classifier(model, cfg, device, on_full=None, position=None):
     Returns (classifier, note): the note says why the cache is off, or None. `position`: the
     classified position (default: cfg's, or the chapter's last)."""
     fast, note = None, None
+    position = position or cfg.token_position or "last"
     if shortcuts_on(cfg):
         max_bytes = None if cfg.trunk_cache_gb is None else int(cfg.trunk_cache_gb * 2**30)
         if max_bytes is None and device.type == "cpu" and ddp.local_world() > 1:
             max_bytes = shortcuts.default_cache_bytes() // ddp.local_world()  # processes share RAM
-        fast, note = shortcuts.for_training(model, max_bytes, on_full, data.PAD_ID)
-    classifier = gpt.Classifier(model, position=position or cfg.token_position or "last",
-                                average=cfg.average_embeddings,
+        # nothing past a row's last real token is read at these positions
+        extend = position in ("flexible", "first") and not cfg.average_embeddings
+        fast, note = shortcuts.for_training(model, max_bytes, on_full, data.PAD_ID, extend)
+    classifier = gpt.Classifier(model, position=position, average=cfg.average_embeddings,
                                 autocast_dtype=gpt.PRECISIONS[cfg.precision], shortcuts=fast)
     return classifier, note
 
@@ -855,6 +872,25 @@ def build_optimizer(model, cfg, device):
     fused = shortcuts_on(cfg) and device.type in FUSED_DEVICES or None
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                              fused=fused)
+
+
+@contextlib.contextmanager
+def deterministic(on):
+    """--deterministic, within this block: PyTorch's deterministic algorithms (a warning names
+    any operation that has none), and cuBLAS's fixed workspace, which CUDA needs for the same
+    bits from run to run (read when cuBLAS starts: before the run's first product). The
+    settings are put back as they were afterwards."""
+    if not on:
+        yield
+        return
+    was = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 def warm_up(device):
@@ -1074,12 +1110,15 @@ def run(cfg, given=None):
         folder = files.RunFolder(out, replace_, errors=ERRORS)
     start = time.time()
     log = files.Tee(sys.stdout, folder.log) if out else folder.log
-    with folder, contextlib.redirect_stdout(log):
+    with folder, contextlib.redirect_stdout(log), deterministic(cfg.deterministic):
         if resumed:
             print(f"Resumed {out} from its checkpoint ({resumed_at(resumed, cfg)}); the log "
                   "goes on from there")
+            if note := threads_note(resumed):
+                print(note)
         print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision}"
-              f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''})")
+              f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''}"
+              f"{', deterministic algorithms' if cfg.deterministic else ''})")
         labelled = load_data(cfg)  # 1
         splits, class_names = labelled.splits, labelled.class_names
         weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names,
@@ -1140,7 +1179,8 @@ def run(cfg, given=None):
             state = {"format": CHECKPOINT_FORMAT, **state, "flags": asdict(cfg),
                      "model": asdict(model.cfg), "base": base, "data": labelled.source,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "log": folder.log.text(), "train_seconds": time.time() - start_time}
+                     "log": folder.log.text(), "train_seconds": time.time() - start_time,
+                     "threads": torch.get_num_threads()}
             try:
                 files.write_atomic(work / files.CHECKPOINT, lambda f: torch.save(state, f),
                                    sync=True)

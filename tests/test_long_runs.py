@@ -75,8 +75,10 @@ def killed_run(tmp_path, args, at, how="after"):
     """finetune.py in its own process, SIGKILLed at its `at`th checkpoint; returns its stdout."""
     script = tmp_path / "killed.py"
     script.write_text(KILLER)
+    # The same thread count as the runs in this process: the promise is the same bits on the
+    # same machine with the same threads (no kernel promises them across thread counts).
     env = {**os.environ, "KILL_AT": str(at), "KILL": how, "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run([sys.executable, "-u", str(script), *map(str, args)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
@@ -150,8 +152,15 @@ def data_args(kind, tmp_path, small_raw_path, raw_path_fn):
     # with the best epoch kept and early stopping
     ("sms", ["--keep-best", "val_loss", "--early-stopping", "2", "--lr", "1e-3"], 2, "after"),
     ("real-sms", [], 2, "after"),
+    # own files (per-batch padding) from two more kill points, and with batches grouped by
+    # length: before the trunk cache was filled ahead in fixed groups, what a row's entry held
+    # depended on the batch it was first read in, and these ended with other weights
+    ("own", [], 3, "after"),
+    ("own", ["--checkpoint-every", "4"], 5, "after"),
+    ("own", ["--group-by-length"], 2, "after"),
 ], ids=["sms", "sms-no-shortcuts", "own", "own-no-shortcuts", "killed-while-writing",
-        "within-an-epoch", "own-lora-within-an-epoch", "keep-best", "real-sms"])
+        "within-an-epoch", "own-lora-within-an-epoch", "keep-best", "real-sms",
+        "own-epoch-3", "own-within-an-epoch", "own-grouped"])
 def test_a_run_killed_and_resumed_ends_as_the_run_never_stopped(
         tmp_path, capsys, tiny_weights, small_raw_path, request, kind, extra, at, how):
     args = ["--weights", tiny_weights, *data_args(
@@ -494,3 +503,27 @@ def test_a_checkpoint_that_cannot_be_written_is_a_warning(tmp_path, capsys, tiny
     warnings = [x for x in out.splitlines() if x.startswith(warned)]
     assert len(warnings) == 2 and f"{run / files.CHECKPOINT}: the disk is full" in warnings[0]
     assert (run / "run.json").is_file()  # training went on and finished
+
+
+def test_deterministic_turns_on_the_deterministic_algorithms_for_the_run_alone(
+        tmp_path, capsys, tiny_weights, small_raw_path, monkeypatch):
+    seen = []
+    train = finetune.train_classifier_simple
+
+    def watching(*a, **k):
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return train(*a, **k)
+    monkeypatch.setattr(finetune, "train_classifier_simple", watching)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    args = ["--weights", tiny_weights, "--data", small_raw_path, "--max-steps", "2",
+            "--device", "cpu"]
+    out = main_out(capsys, args + ["--output-dir", tmp_path / "det", "--deterministic"])
+    assert "deterministic algorithms)" in out.splitlines()[0]
+    assert seen == [(True, ":4096:8")]
+    assert not torch.are_deterministic_algorithms_enabled()  # put back after the run
+    main_out(capsys, args + ["--output-dir", tmp_path / "plain"])
+    assert seen[1][0] is False
+    # on a CPU nothing changes: the same weights
+    a, b = weights_of(tmp_path / "det"), weights_of(tmp_path / "plain")
+    assert all(torch.equal(a[k], b[k]) for k in a)
