@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import files
 import finetune
+import longrun
 import reference
 
 pytestmark = pytest.mark.slow
@@ -200,7 +201,7 @@ def test_the_checkpoint_holds_what_resuming_needs(tmp_path, capsys, tiny_weights
     run = tmp_path / "run"
     killed_run(tmp_path, ["--weights", tiny_weights, "--data", small_raw_path, *QUICK,
                           "--output-dir", run], 2)
-    ckpt = finetune.read_checkpoint(run / files.CHECKPOINT)
+    ckpt = longrun.read_checkpoint(run / files.CHECKPOINT)
     assert ckpt["point"]["epoch"] == 2 and ckpt["point"]["batch"] == 0
     assert len(ckpt["history"]["train_accs"]) == 2 and ckpt["history"]["steps"] == 42
     assert set(ckpt["point"]["rng"]) >= {"torch", "python", "numpy"}
@@ -367,7 +368,7 @@ def test_resume_refuses_a_checkpoint_of_another_version(stopped, capsys):
     run, _ = stopped
     ckpt = run / files.CHECKPOINT
     state = torch.load(ckpt, weights_only=True)
-    torch.save({**state, "format": finetune.CHECKPOINT_FORMAT + 1}, ckpt)
+    torch.save({**state, "format": longrun.CHECKPOINT_FORMAT + 1}, ckpt)
     line = error_line(capsys, ["--resume", run])
     assert "another version of finetune.py" in line
     flags = {**state["flags"], "a_flag_of_the_future": 1}
@@ -423,7 +424,7 @@ def test_under_torchrun_every_process_resumes(tmp_path, tiny_weights, small_raw_
     monkeypatch.setenv("KILL", "after")
     killed = torchrun(args + ["--output-dir", run], cwd=tmp_path, script=script, timeout=300)
     assert killed.returncode != 0 and not (run / "run.json").exists()
-    assert finetune.read_checkpoint(run / files.CHECKPOINT)["point"]["epoch"] == 2
+    assert longrun.read_checkpoint(run / files.CHECKPOINT)["point"]["epoch"] == 2
 
     resumed = torchrun(["--resume", run], cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -19,6 +19,7 @@ from torch.testing import assert_close
 
 import finetune
 import gpt
+import longrun
 import shortcuts
 
 PAD = 0  # the tiny vocabulary's pad id
@@ -356,7 +357,7 @@ def test_the_shortcuts_are_on_by_default_and_the_log_says_which(tmp_path, tiny_w
 @pytest.mark.parametrize("flag", ["--no-shortcuts", "--plain"])
 def test_no_shortcuts_and_plain_turn_them_off(tmp_path, tiny_weights, raw_path, flag):
     cfg = finetune.parse_args([flag])
-    assert not finetune.shortcuts_on(cfg)
+    assert not shortcuts.enabled(cfg)
     model = noisy_model(dtype=torch.float32)
     classifier, note = finetune.build_classifier(model, cfg, torch.device("cpu"))
     assert classifier.shortcuts is None and note is None
@@ -577,9 +578,9 @@ def test_an_extended_entry_gives_the_models_logits_and_gradients(position):
 
 def test_a_resume_on_other_threads_says_its_numbers_are_not_bit_for_bit():
     now = torch.get_num_threads()
-    assert finetune.threads_note({"threads": now}) is None
-    assert finetune.threads_note({}) is None  # a checkpoint that did not record them
-    note = finetune.threads_note({"threads": now + 3})
+    assert longrun.threads_note({"threads": now}) is None
+    assert longrun.threads_note({}) is None  # a checkpoint that did not record them
+    note = longrun.threads_note({"threads": now + 3})
     assert note.startswith(f"note: the run ran on {now + 3} CPU threads and resumes on {now}")
     assert f"OMP_NUM_THREADS={now + 3}" in note
 
