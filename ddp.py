@@ -15,7 +15,9 @@ world 1, rank 0, the whole batch.
 
 import contextlib
 import os
+import platform
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -205,3 +207,37 @@ def training_loss_batch(calc_loss_batch, input_batch, target_batch, model, devic
                                ignore_index=ignore_index, reduction="sum")
     (weights,) = sum_over_ranks(weight[target_batch[target_batch != ignore_index]].sum())
     return loss_sum * world() / weights
+
+
+def synchronize(device):
+    """Wait for `device` to finish what it was given (CUDA, MPS); nothing on a CPU. Timings
+    (the run's, the benchmarks') call it before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def warm_up(device):
+    """Start the device's maths libraries (cuBLAS on CUDA) with one small product, and wait for
+    it: what a first product costs is start-up, not training. Nothing on a CPU."""
+    if device.type == "cpu":
+        return
+    x = torch.ones(8, 8, device=device)
+    x @ x
+    synchronize(device)
+
+
+def device_name(device):
+    """What the device is, for the records: the GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple {platform.machine()} (MPS)"
+    try:  # Linux: platform.processor() says only "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"

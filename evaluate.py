@@ -27,6 +27,7 @@ import files
 import gpt
 import serve
 import shortcuts
+import tables
 
 
 def predictions(data_loader, model, device):
@@ -142,15 +143,15 @@ def check_run_choices(info, where):
                              f"refuses the pair); {fix}")
 
 
-def inference_classifier(model, info, autocast_dtype=None, fast=True):
+def inference_classifier(model, info, autocast_dtype=None, use_shortcuts=True):
     """The classifier evaluate.py runs a trained model as, with the run's choices (`info`: its
-    run.json). `fast`: for inference, the blocks before the last through FrozenBlocks
+    run.json). `use_shortcuts`: for inference, the blocks before the last through FrozenBlocks
     (prepared once) and the last at the classified position only: the same numbers up to float
     rounding (off: the model as written, for the benchmarks' before)."""
     return gpt.Classifier(model, position=info.get("token_position", "last"),
                           average=info.get("average_embeddings", False),
                           pad_id=info.get("pad_id", data.PAD_ID), autocast_dtype=autocast_dtype,
-                          shortcuts=shortcuts.for_inference(fast))
+                          shortcuts=shortcuts.for_inference(use_shortcuts))
 
 
 def text_loader(rows, info, tokenizer, batch_size=None):
@@ -217,18 +218,18 @@ def run_data(info, data_path=None):
     if data_path is not None:
         raise ValueError("--data is the SMS data; this run was trained on its own files "
                          f"({flags['train_file']}), which evaluate.py reads again")
-    files = (info.get("data") or {}).get("files", {})
-    flags = {**flags, **{flag: f["path"] for flag, f in files.items()}}
-    for flag, f in files.items():
+    own_files = (info.get("data") or {}).get("files", {})
+    flags = {**flags, **{flag: f["path"] for flag, f in own_files.items()}}
+    for flag, f in own_files.items():
         if not Path(f["path"]).is_file():
             raise data.DataError(f"this run was trained on {f['path']}, which is no longer "
                                  "there; put it back to evaluate the run's splits, or score a "
                                  "file with --file")
-        if data.file_source(f["path"])["sha256"] != f["sha256"]:
+        if tables.file_source(f["path"])["sha256"] != f["sha256"]:
             print(f"warning: {f['path']} changed since this run was trained on it (its sha256 "
                   "differs), so the splits differ and these are not the run's scores",
                   file=sys.stderr)
-    labelled = data.load_labelled(flags)
+    labelled = tables.load_labelled(flags)
     if labelled.class_names != info["class_names"]:
         raise files.RunError(f"the run's data now has the classes {labelled.class_names}, the "
                              f"run was trained on {info['class_names']}; the files changed "
@@ -314,17 +315,17 @@ def run_columns(info, args):
 def evaluate_file(path, classifier, info, device, args):
     """class_scores over a labelled file, read with the run's columns and format rules."""
     fmt, text_column, label_column = run_columns(info, args)
-    records = data.read_records(path, fmt, text_column, label_column, label_fix=(
+    records = tables.read_records(path, fmt, text_column, label_column, label_fix=(
         f"a file without labels is classified with --predict {path} --output OUT; or pass "
         "--label-column NAME if its labels are in another column"))
     names = info["class_names"]
-    labels = data.file_labels(names, info.get("flags", {}).get("label_names"))
+    labels = tables.file_labels(names, info.get("flags", {}).get("label_names"))
     rows = []
     for r in records:  # a label as the file holds it (0), or the name --label-names gave it
-        label = r.label if r.label in names else data.match_label(r.label, labels)
+        label = r.label if r.label in names else tables.match_label(r.label, labels)
         if label is None:
-            raise data.unknown_label(path, r, labels, "is not a class of the run",
-                                     "fix the label")
+            raise tables.unknown_label(path, r, labels, "is not a class of the run",
+                                       "fix the label")
         rows.append((names.index(label) if label in names else labels.index(label), r.text))
     return scores_of(rows, classifier, info, device, data.get_tokenizer())
 
@@ -366,7 +367,7 @@ def print_scores(results, class_names):
 def output_format(out_path):
     """csv, tsv or jsonl: the format --predict writes, from --output's extension."""
     ext = Path(out_path).suffix.lower().lstrip(".")
-    if ext not in data.FORMATS:
+    if ext not in tables.FORMATS:
         raise ValueError(f"--output {out_path}: the extension sets what --predict writes; name "
                          "it .csv, .tsv or .jsonl")
     return ext
@@ -385,7 +386,7 @@ def write_predictions(path, out_path, classifier, info, device, args):
     if Path(out_path).exists() and not args.overwrite:
         raise ValueError(f"--output {out_path} exists; pass --overwrite to replace it, or name "
                          "another file")
-    records = data.read_records(path, fmt, text_column, labelled=False)
+    records = tables.read_records(path, fmt, text_column, labelled=False)
     probs = []
     texts = [r.text for r in records]
     step = 256
@@ -434,7 +435,7 @@ def main(argv=None):
                    help="classify each line of standard input (blank lines are skipped)")
     p.add_argument("--top-k", type=int, default=1, metavar="N",
                    help="for --text and --stdin, print the N most probable classes (default: 1)")
-    p.add_argument("--format", choices=data.FORMATS,
+    p.add_argument("--format", choices=tables.FORMATS,
                    help="the format of --file and --predict (default: from the extension)")
     p.add_argument("--text-column", metavar="NAME", help="the text column of --file and "
                    "--predict (default: the run's)")

@@ -27,6 +27,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NamedTuple
 
+import config
 import data
 import files
 import finetune
@@ -316,7 +317,7 @@ def plan(args):
     for n in numbers:
         folder = Path(args.output_dir) / f"row-{n:02d}"
         cfg = row_config(n, args.weights, extra + ["--output-dir", str(folder)])
-        finetune.check_config(cfg)
+        config.check_config(cfg)
         if files.is_finished(folder) and not args.rerun:
             done = settings(files.read_json(folder / "run.json")["flags"])
             if done != settings(asdict(cfg)):

@@ -93,6 +93,22 @@ def check_writable(folder, what, fix):
         raise DataError(f"{what} {folder} cannot be written ({reason}); {fix}") from e
 
 
+def check_file(path, what="", fix="check the path"):
+    """Raise DataError unless `path` is a regular file: a missing path, a folder, and a pipe
+    or device (a FIFO, /dev/zero: its bytes cannot be read twice, or never end) are each named
+    as what they are. `what` names the flag, `fix` says what to do for a missing path."""
+    path = Path(path)
+    where = f"{what} {path}".strip()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise DataError(f"{where} is a folder; pass a file")
+    if os.path.exists(path):
+        raise DataError(f"{where} is not a regular file (a pipe, socket or device): its rows "
+                        "cannot be read as a file's; save them to a file and pass its path")
+    raise DataError(f"{where} does not exist; {fix}")
+
+
 class _NoBar:
     def __init__(self, iterable=None):
         self.iterable = iterable

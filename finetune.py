@@ -8,181 +8,36 @@ your own labelled files (any number of classes).
 
 Read it beside the chapter: `calc_accuracy_loader`, `calc_loss_batch`, `calc_loss_loader`,
 `evaluate_model`, `train_classifier_simple` and `plot_values` come first, under the chapter's
-names and in its order; `run` is the procedure as a short list of steps. It prints what the
-chapter prints (the same losses and accuracies, given the same weights), and leaves a run folder
-that `python evaluate.py --run DIR` uses (see files.py). Every flag is a TrainConfig field.
-`LongRun` attaches at the loop's seams what long runs need (checkpoints, `--resume DIR`,
-`--keep-best`, `--early-stopping`; see docs/long-runs.md).
+names and in its order; then the run's steps, and `run`, the procedure as a short list of
+them. It prints what the chapter prints (the same losses and accuracies, given the same
+weights), and leaves a run folder that `python evaluate.py --run DIR` uses (see files.py).
+Every flag is a field of config.TrainConfig; long runs (checkpoints, `--resume`, the best
+epoch) attach at the loop's seams from longrun.py, the exact shortcuts from shortcuts.py.
 """
 
-import argparse
 import contextlib
 import io
 import math
-import platform
-import random
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-from torch.utils.data import DataLoader
 
 import data
 import ddp
 import files
 import gpt
+import longrun
 import shortcuts
+import tables
+from config import (FINAL_TRAIN_ROWS, TrainConfig, check_config, class_weight_values,
+                    data_choices, parse_args)
 
-
-# ------------------------------------------------------------------------------ the run's settings
-
-def option(default=None, help="", *, flags=None, group=None, **argparse_kw):
-    """A TrainConfig field with its flag's help beside it. `help` may use {default}; `flags`
-    replaces the flag made from the field's name; `group` lists the flag under a heading;
-    booleans become store_true flags (or store_false, given `flags` and action); the rest of
-    `argparse_kw` goes to argparse as it is."""
-    return field(default=default, metadata={"help": help, "flags": flags, "group": group,
-                                            **argparse_kw})
-
-
-OWN = "your own labelled data (instead of the SMS data)"
-LONG = "long runs: checkpoints, resuming, the best epoch, stopping early"
-# Own files with more training rows than this leave the training split out of the final pass
-# by default: on a 60,000-row file it took 4.6 of a 4.8-minute --max-steps 1 run.
-FINAL_TRAIN_ROWS = 10_000
-FORMATS = data.FORMATS  # (inside TrainConfig the field `data` hides the module)
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run: one field per finetune.py flag (--batch-size sets batch_size),
-    its help beside it. run.json records them all."""
-    data: str = option(help="the raw SMSSpamCollection file or its zip; no network is used "
-                       "(default: download once from UCI into the cache)", metavar="PATH")
-    train_file: str = option(group=OWN, metavar="FILE", help="training rows: .csv, .tsv or "
-                             ".jsonl with a text and a label column; validation and test are "
-                             "cut from it (stratified) unless given")
-    val_file: str = option(group=OWN, metavar="FILE", help="validation rows (same format rules)")
-    test_file: str = option(group=OWN, metavar="FILE", help="test rows (same format rules)")
-    format: str = option(group=OWN, choices=FORMATS,
-                         help="the files' format (default: from each file's extension)")
-    text_column: str = option("text", group=OWN, metavar="NAME", help="the column (JSON key) "
-                              "holding the text, any case (default: {default})")
-    label_column: str = option("label", group=OWN, metavar="NAME", help="the column (JSON key) "
-                               "holding the label, any case (default: {default})")
-    labels: str = option(group=OWN, metavar="A,B,C", help="the classes in this order (default: "
-                         "numeric order where every label is an integer, else by name)")
-    label_names: str = option(group=OWN, metavar="0=ham,1=spam", help="a name for each label "
-                              "(integer labels, say), which run.json, evaluate.py and the page "
-                              "show (default: the labels themselves)")
-    val_frac: float = option(group=OWN, type=float, metavar="X", help="share of each class "
-                             "cut from --train-file for validation (default: 0.1; none with "
-                             "--val-file)")
-    test_frac: float = option(group=OWN, type=float, metavar="X", help="share of each class "
-                              "cut from --train-file for test (default: 0.2; 0 with --val-file)")
-    class_weights: str = option(group=OWN, metavar="balanced|W1,W2,...", help="weight the loss "
-                                "per class: balanced (inverse frequency in train) or one number "
-                                "per class in the class order (default: none)")
-    weights: str = option("small", metavar="NAME|DIR|random", help="small, medium, large or xl "
-                          "(OpenAI's GPT-2, downloaded once into the cache), a folder with "
-                          "config.json and model.safetensors, or random, random-medium, "
-                          "random-large, random-xl (random weights of that size) "
-                          "(default: {default})")
-    device: str = option("auto", choices=("auto", "cpu", "cuda", "mps"), help="auto picks "
-                         "cuda, then mps (torch >= 2.9 only), then cpu (default: {default})")
-    output_dir: str = option(metavar="DIR", help="the run folder (default: a new "
-                             "runs/<timestamp>)")
-    overwrite: bool = option(False, help="replace a finished run in --output-dir (once the new "
-                             "run has finished; until then the old one stays as it is)")
-    self_contained: bool = option(False, help="keep the whole model in the run folder "
-                                  "(model.safetensors) instead of only what training changed "
-                                  "(trained.safetensors) plus the name and sha256 of the base "
-                                  "weights; always so with random weights")
-    epochs: int = option(5, help="passes over the training set (default: {default})")
-    batch_size: int = option(8, help="examples per batch (default: {default})")
-    lr: float = option(5e-5, help="AdamW learning rate (default: {default:g})")
-    weight_decay: float = option(0.1, help="AdamW weight decay (default: {default:g})")
-    eval_freq: int = option(50, help="print train and validation loss every this many steps "
-                            "(default: {default})")
-    eval_iter: int = option(5, help="batches used for those losses and for the accuracies "
-                            "printed after each epoch (default: {default})")
-    seed: int = option(123, help="torch seed, set before each step of the procedure that draws "
-                       "random numbers (default: {default})")
-    max_steps: int = option(type=int, help="stop after this many training steps: a quick "
-                            "smoke run (default: none)")
-    trainable_layers: str = option("last_block", choices=gpt.TRAINABLE, help="what is trained: "
-                                   "the head only (last_layer), also the last block and final "
-                                   "norm (last_block, the chapter's), the last two blocks, all, "
-                                   "or LoRA adapters (default: {default})")
-    lora_rank: int = option(16, help="LoRA rank (default: {default})")
-    lora_alpha: float = option(16.0, help="LoRA alpha: the update is scaled by alpha, as in the "
-                               "book (default: {default:g})")
-    token_position: str = option(choices=("last", "first", "flexible"), help="the position "
-                                 "classified: last (the chapter's), first, or flexible = the "
-                                 "last non-padding token of each text (default: last; flexible "
-                                 "for own files)")
-    average_embeddings: bool = option(False, help="classify the mean of every position's output "
-                                      "instead of one position")
-    context_length: str = option(metavar="batch|longest|model|N", help="pad each batch to its "
-                                 "own longest text (batch), or every text to the longest "
-                                 "training text, to the model's context, or to N tokens; texts "
-                                 "are cut there, and at the model's context (default: longest, "
-                                 "120 tokens; batch for own files)")
-    group_by_length: bool = option(False, help="draw training batches of texts of similar "
-                                   "length (shuffled groups): less padding with "
-                                   "--context-length batch")
-    no_padding: bool = option(False, help="keep each text its own length (needs --batch-size 1)")
-    accumulation_steps: int = option(1, help="sum the gradients of this many batches per "
-                                     "optimizer step (default: {default})")
-    disable_causal_mask: bool = option(False, help="let every position attend to every other, "
-                                       "later ones included")
-    ignore_index: int = option(-100, help="label id the loss ignores (default: {default}, none; "
-                               "the chapter's experiment uses 50256)")
-    shortcuts: bool = option(True, flags=("--no-shortcuts", "--no-fast"), action="store_false",
-                             help="turn the exact shortcuts off, keeping the fused kernels: "
-                             "every step computes the whole model, as the chapter does "
-                             "(default: on: the frozen blocks' outputs cached, the last block "
-                             "run at the classified position only, fused AdamW)")
-    trunk_cache_gb: float = option(type=float, metavar="X", help="memory cap of the "
-                                   "frozen-trunk cache in GiB; 0 turns the cache off (default: "
-                                   "a quarter of the machine's RAM; on CUDA a quarter of the "
-                                   "GPU's free memory)")
-    precision: str = option("fp32", choices=tuple(gpt.PRECISIONS), help="fp32 (the chapter's), "
-                            "bf16 autocast (CPU and GPU) or fp16 autocast with gradient scaling "
-                            "(CUDA) (default: {default})")
-    tf32: bool = option(False, help="CUDA: fp32 matrix products in TF32 (Ampere GPUs and "
-                        "newer): quicker, rounded to 10-bit mantissas, so not the chapter's "
-                        "numbers (default: off, full fp32)")
-    plain: bool = option(False, help="the chapter's explicit formulas (attention scores, layer "
-                         "norm, GELU) instead of fused kernels: the benchmarks' baseline")
-    initial_eval: bool = option(True, flags=("--no-initial-eval",), action="store_false",
-                                help="skip the accuracies and losses printed before training")
-    final_splits: str = option(group=LONG, metavar="all|SPLIT,...", help="the splits whose "
-                               "accuracy the final pass scores in full: all, or some of "
-                               "train,validation,test (default: all; for own files with over "
-                               f"{FINAL_TRAIN_ROWS:,} training rows, validation and test, "
-                               "said in the log)")
-    checkpoints: bool = option(True, flags=("--no-checkpoints",), action="store_false",
-                               group=LONG, help="write no checkpoint (default: the unfinished "
-                               "run folder holds one, replaced at each epoch's end and removed "
-                               "once the run has finished, for --resume)")
-    checkpoint_every: int = option(type=int, metavar="N", group=LONG, help="also checkpoint "
-                                   "every N steps within an epoch (default: at epochs' ends "
-                                   "only)")
-    resume: str = option(metavar="DIR", nargs="?", const="", group=LONG, help="go on with the "
-                         "unfinished run in DIR (or --output-dir) from its last checkpoint, "
-                         "with its own flags: the same numbers as a run never stopped")
-    keep_best: str = option(choices=("val_loss", "val_accuracy"), group=LONG, help="score the "
-                            "whole validation split at each epoch's end and keep the best "
-                            "epoch's weights as the run's model (default: the last epoch's)")
-    early_stopping: int = option(type=int, metavar="N", group=LONG, help="with --keep-best: "
-                                 "end training after N epochs without a better score "
-                                 "(default: never)")
+__all__ = ["TrainConfig", "parse_args", "run", "main", "train_classifier_simple"]
 
 
 # --------------------------------------------------- chapter 6: sections 6.6 and 6.7, in its order
@@ -272,7 +127,7 @@ def train_classifier_simple(model, loaders, optimizer, cfg, device, scaler=None,
                "examples_per_epoch": len(train_loader) * (  # (a batch sampler: length groups)
                    train_loader.batch_size or train_loader.batch_sampler.batch_size)}
     scaler = scaler or torch.amp.GradScaler(enabled=False)
-    long_run = long_run or LongRun(cfg)
+    long_run = long_run or longrun.LongRun(cfg)
     k = cfg.accumulation_steps
     first_epoch, examples_seen, global_step = long_run.start(history)  # 0, 0, -1 unless resumed
     for epoch in range(first_epoch, cfg.epochs):
@@ -394,256 +249,6 @@ def check_finite_weights(model, step, epoch, cfg):
         raise diverged(f"the weight {bad[0]} holds NaN or infinite values", step, epoch, cfg)
 
 
-# ----------------------------------------------------------- long runs: checkpoints, the best epoch
-
-# What a checkpoint holds changes with this number; --resume refuses a checkpoint of another.
-CHECKPOINT_FORMAT = 1
-# Flags a resumed run may be given anew: they change when it writes, not what it computes.
-ON_RESUME = {"resume", "output_dir", "checkpoints", "checkpoint_every", "final_splits"}
-METRICS = {"val_loss": "validation loss", "val_accuracy": "validation accuracy"}
-
-
-def rng_state():
-    """Every random generator a run draws from: torch's (the loaders draw their order from it,
-    each time an iteration starts), CUDA's, numpy's and Python's. The loaders and samplers own
-    none: they draw from torch's."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [v.tolist() if isinstance(v, np.ndarray) else v
-                       for v in np.random.get_state()]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_tensors(model):
-    """{name: tensor} of what training changes (the trainable parameters, the head's among
-    them): all that a checkpoint or the best epoch needs of the weights, the rest being the
-    base's."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-class LongRun:
-    """What a long run adds around the chapter's loop, each part off unless asked for.
-
-    - checkpoints (`cfg.checkpoints`, `cfg.checkpoint_every`): at each epoch's end (and every N
-      steps) the unfinished run folder `work` gets `files.CHECKPOINT`, written whole or not at
-      all: what training changed, the optimizer's and the scaler's state, every random
-      generator's, the history and the log so far; `resumed` (a checkpoint read back) makes
-      the loop go on from there, drawing exactly what the run never stopped would have drawn;
-    - the best epoch (`cfg.keep_best`): the whole validation split scored at each epoch's end
-      (its draws on a fork of the RNG, so the run's own draws are the same with it as without),
-      the best epoch's weights kept, and (`cfg.early_stopping`) the training ended after N
-      epochs without a better score.
-
-    The loop calls `start`, `batches`, `after_step` and `epoch_end`; `LongRun(cfg)` alone does
-    nothing at them. `model` is the GPTModel under training; `save` (a function of the
-    checkpoint's dict) writes a checkpoint; without it (under torchrun, on ranks other than
-    0) none is written.
-    """
-
-    def __init__(self, cfg, model=None, loaders=None, device=None, class_weights=None,
-                 save=None, resumed=None):
-        self.cfg, self.model, self.loaders, self.device = cfg, model, loaders, device
-        self.class_weights, self.save = class_weights, save
-        self.resumed = resumed
-        self.best = resumed["best"] if resumed else None  # {"epoch", "score", "tensors"}
-        self.epoch_rng = None  # torch's RNG as the current epoch's loader began to draw
-
-    def start(self, history):
-        """(first epoch, examples seen, last step) where the loop starts, with the history and
-        the generators as they were there."""
-        if self.resumed is None:
-            return 0, 0, -1
-        history.update(self.resumed["history"])
-        point = self.resumed["point"]
-        set_rng_state(point["rng"])  # (an epoch begun anew draws its order in `batches`)
-        return point["epoch"], history["examples_seen"], history["steps"] - 1
-
-    def batches(self, loader, epoch):
-        """enumerate(loader) for this epoch; in the epoch a checkpoint cut, the batches after
-        the ones done (the order drawn again from the epoch's start, then the RNG as it was at
-        the cut)."""
-        point = self.resumed["point"] if self.resumed else None
-        if point is None or point["epoch"] != epoch or not point["batch"]:
-            self.epoch_rng = torch.get_rng_state()
-            yield from enumerate(loader)
-            return
-        self.resumed = None  # (only the epoch it cut)
-        torch.set_rng_state(point["epoch_rng"])
-        self.epoch_rng = point["epoch_rng"]
-        batches = enumerate(loader)
-        for _ in range(point["batch"]):  # the loader draws this epoch's order at the first
-            next(batches)
-        set_rng_state(point["rng"])
-        yield from batches
-
-    def after_step(self, epoch, batch_idx, examples_seen, global_step, history):
-        """After an optimizer step: a checkpoint every --checkpoint-every steps."""
-        every = self.cfg.checkpoint_every
-        if self.save and self.cfg.checkpoints and every and (global_step + 1) % every == 0:
-            self.checkpoint({"epoch": epoch, "batch": batch_idx + 1,
-                             "epoch_rng": self.epoch_rng, "rng": rng_state()},
-                            history, examples_seen, global_step)
-
-    def epoch_end(self, model, epoch, examples_seen, global_step, history, ended):
-        """After an epoch's accuracies: the best epoch, early stopping and the checkpoint.
-        Returns True where training stops early."""
-        stop = self.score(model, epoch) if self.cfg.keep_best and self.loaders else False
-        if self.save and self.cfg.checkpoints:
-            done = stop or ended or epoch + 1 == self.cfg.epochs
-            self.checkpoint({"epoch": self.cfg.epochs if done else epoch + 1, "batch": 0,
-                             "rng": rng_state()}, history, examples_seen, global_step)
-        return stop
-
-    def score(self, model, epoch):
-        """--keep-best: the whole validation split's loss and accuracy, printed; the weights
-        kept where the score is the best yet. Returns True where --early-stopping ends
-        training."""
-        val = self.loaders["validation"]
-        with torch.random.fork_rng(devices=[]):  # a loader's iteration draws from torch's RNG
-            model.eval()
-            with torch.no_grad():
-                loss = calc_loss_loader(val, model, self.device, None, self.cfg.ignore_index,
-                                        self.class_weights)
-            accuracy = calc_accuracy_loader(val, model, self.device)
-        metric = self.cfg.keep_best
-        score = loss if metric == "val_loss" else accuracy
-        best = self.best
-        if best is None or (score < best["score"] if metric == "val_loss" else
-                            score > best["score"]):
-            best = self.best = {"epoch": epoch + 1, "score": score, "tensors": {
-                n: t.to("cpu", copy=True) for n, t in trainable_tensors(self.model).items()}}
-        mark = "best so far" if best["epoch"] == epoch + 1 else f"best: epoch {best['epoch']}"
-        print(f"Whole validation split ({len(val.dataset)} examples): loss {loss:.3f}, "
-              f"accuracy {accuracy*100:.2f}% ({mark})", flush=True)
-        waited, patience = epoch + 1 - best["epoch"], self.cfg.early_stopping
-        if patience and waited >= patience and epoch + 1 < self.cfg.epochs:
-            print(f"Early stopping: no better {METRICS[metric]} in the {waited} epochs since "
-                  f"epoch {best['epoch']}; training ends after epoch {epoch + 1} of "
-                  f"{self.cfg.epochs}", flush=True)
-            return True
-        return False
-
-    def checkpoint(self, point, history, examples_seen, global_step):
-        history = {**history, "examples_seen": examples_seen, "steps": global_step + 1}
-        self.save({"point": point, "history": history, "best": self.best,
-                   "trained": trainable_tensors(self.model)})
-
-    def keep_best(self):
-        """--keep-best: the best epoch's weights put back into the model, said in the log;
-        returns what run.json records of it (None without --keep-best)."""
-        if not self.cfg.keep_best:
-            return None
-        best = self.best
-        with torch.no_grad():
-            for n, t in trainable_tensors(self.model).items():
-                t.copy_(best["tensors"][n])
-        metric = METRICS[self.cfg.keep_best]
-        shown = f"{best['score']:.3f}" if self.cfg.keep_best == "val_loss" else \
-            f"{best['score']*100:.2f}%"
-        print(f"Kept the weights of epoch {best['epoch']}, the best {metric} ({shown}); the "
-              "accuracies below are theirs")
-        return {"metric": self.cfg.keep_best, "epoch": best["epoch"], "score": best["score"]}
-
-
-def read_checkpoint(path):
-    """A checkpoint written by LongRun, read back (tensors memory-mapped, not copied);
-    ValueError, saying what to do, where it is damaged or of another version."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # cut short, overwritten, not a checkpoint: torch raises many kinds
-        raise ValueError(f"the checkpoint {path} is damaged ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); nothing can "
-                         "be resumed from it: start the run again") from e
-    version = ckpt.get("format") if isinstance(ckpt, dict) else None
-    if version != CHECKPOINT_FORMAT:
-        raise ValueError(f"the checkpoint {path} was written by another version of "
-                         f"finetune.py (checkpoint format {version}; this one reads "
-                         f"{CHECKPOINT_FORMAT}); finish the run with that version, or start "
-                         "it again")
-    return ckpt
-
-
-def flag_name(name):
-    """The flag of a TrainConfig field, as the command line spells it."""
-    f = {f.name: f for f in fields(TrainConfig)}[name]
-    return (f.metadata.get("flags") or ["--" + name.replace("_", "-")])[0]
-
-
-def resume_config(cfg, given=None):
-    """--resume: (the run's own TrainConfig, (out, replace, work, checkpoint)). `given` names
-    the fields the command line set (default: those that differ from the defaults); each must
-    equal the run's own (ValueError naming the one that does not), except ON_RESUME's."""
-    folder = cfg.resume or cfg.output_dir
-    if not folder:
-        raise ValueError("--resume needs the run folder: --resume DIR, or --output-dir DIR "
-                         "--resume")
-    out, replace_, work = files.plan_resume(folder)
-    path = work / files.CHECKPOINT
-    ckpt = read_checkpoint(path)
-    try:
-        recorded = TrainConfig(**ckpt["flags"])
-    except (TypeError, KeyError) as e:
-        raise ValueError(f"the checkpoint {path} was written by another version of "
-                         f"finetune.py ({e}); finish the run with that version, or start it "
-                         "again") from e
-    default = TrainConfig()
-    if given is None:
-        given = {f.name for f in fields(cfg)
-                 if getattr(cfg, f.name) != getattr(default, f.name)}
-    for name in sorted(set(given) - ON_RESUME):
-        now, then = getattr(cfg, name), getattr(recorded, name)
-        if now != then:
-            flag = flag_name(name)
-            said = flag if isinstance(now, bool) else f"{flag} {now}"
-            was = (f"ran without {flag}" if isinstance(now, bool) else
-                   f"ran with {flag} {then}" if then is not None else f"ran without {flag}")
-            raise ValueError(f"--resume goes on with the run's own flags, but {said} would "
-                             f"change it: it {was} ({path}); drop {flag}")
-    keep = {n: getattr(cfg, n) for n in ON_RESUME - {"resume", "output_dir"} if n in given}
-    cfg = replace(recorded, **keep, resume=str(folder), output_dir=str(out))
-    return cfg, (out, replace_, work, ckpt)
-
-
-def check_checkpoint_fits(ckpt, path, model, base, source):
-    """Refuse (ValueError) a checkpoint made from other base weights or other data than the
-    run's are now: it would go on as a silently different run."""
-    if ckpt["model"] != asdict(model.cfg) or ckpt["base"] != base:
-        def named(b):
-            return "random weights" if b is None else \
-                f"{b['weights']} (sha256 {b['sha256'][:12]}...)"
-        raise ValueError(f"the checkpoint {path} was trained from other base weights than "
-                         f"--weights gives now: {named(ckpt['base'])} then, {named(base)} now;"
-                         " put those weights back, or start the run again")
-    if ckpt["data"] != source:
-        raise ValueError(f"the checkpoint {path} was trained on other data than the run's "
-                         "files hold now (their sha256 differs); put the files back as they "
-                         "were, or start the run again")
-
-
-def load_checkpoint(ckpt, path, model):
-    """What training changed, from the checkpoint into the set-up model (ValueError where the
-    checkpoint's tensors do not fit it)."""
-    own, saved = trainable_tensors(model), ckpt["trained"]
-    wrong = sorted(n for n in own.keys() & saved.keys() if own[n].shape != saved[n].shape)
-    if own.keys() != saved.keys() or wrong:
-        odd = sorted(own.keys() ^ saved.keys()) + wrong
-        raise ValueError(f"the checkpoint {path} does not fit the model ({', '.join(odd[:3])}"
-                         "); start the run again")
-    with torch.no_grad():
-        for n, t in own.items():
-            t.copy_(saved[n])
-
-
 def progress(loader, epoch):
     """A progress bar over an epoch's batches, on stderr and only in a terminal (tqdm)."""
     return files.progress(loader, desc=f"Epoch {epoch + 1}", unit="batch")
@@ -669,235 +274,23 @@ def plot_history(history, out_dir):
     return written
 
 
-def weights_to_save(model, base, merge=True):
-    """(file name, tensors) that the run folder keeps of the trained model.
-
-    With `base` (the identity of the weights training started from, see gpt.base_identity) only
-    what training changed: the trainable tensors and the new class head, in trained.safetensors,
-    which evaluate.py lays over the base again. Without one (random weights, --self-contained),
-    or where every tensor trained anyway, the whole model in model.safetensors, LoRA folded in
-    (which changes `model` in place: call it last; `merge=False` leaves LoRA unfolded, for an
-    estimate of the size).
-    """
-    state = model.state_dict()
-    if base is not None:
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        keep = {k: v for k, v in state.items() if k in trained or k.startswith("out_head.")}
-        if len(keep) < len(state):
-            return "trained.safetensors", keep
-    if merge and any(isinstance(m, gpt.LoRALinear) for m in model.modules()):
-        gpt.merge_lora(model)  # a plain GPT-2 with a class head
-        state = model.state_dict()
-    return "model.safetensors", state
-
-
-def checkpoint_estimate(model, base, cfg):
-    """Tensors as large as what the run folder holds at most while checkpoints are written: the
-    weights file, and two checkpoints (the old one stays until the new one is whole) each of
-    the trained tensors, AdamW's two moments of each and, with --keep-best, the best epoch's."""
-    trained = list(trainable_tensors(model).values())
-    copies = 2 * (3 + bool(cfg.keep_best))
-    return {**weights_to_save(model, base, merge=False)[1],
-            **{f"checkpoint.{i}": t for i, t in enumerate(trained * copies)}}
-
-
-def resumed_at(ckpt, cfg):
-    """Where a checkpoint cut the run, in words."""
-    point, steps = ckpt["point"], ckpt["history"]["steps"]
-    if point["batch"]:
-        return f"step {steps}, within epoch {point['epoch'] + 1} of {cfg.epochs}"
-    done = len(ckpt["history"]["train_accs"])
-    return f"epoch {done} of {cfg.epochs} done, step {steps}"
-
-
-def dropped_examples(loader):
-    """Indices of the examples that the next pass over `loader` leaves out (drop_last).
-
-    Replays the pass's draws on a copy of torch's RNG (a DataLoader over the indices with the
-    same batch sampler draws exactly as one over the data does), so the RNG itself is left as
-    it was.
-    """
-    n = len(loader.dataset)
-    with torch.random.fork_rng(devices=[]):
-        replay = DataLoader(range(n), batch_sampler=loader.batch_sampler)
-        seen = {int(i) for batch in replay for i in batch}
-    return sorted(set(range(n)) - seen)
-
-
-def check_config(cfg):
-    """Refuse settings that cannot work, with a message that says what to do."""
-    positive = ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulation_steps",
-                "lora_rank")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be 1 or more")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ValueError("--max-steps must be 1 or more")
-    big = torch.finfo(torch.float32).max  # the optimizer computes in float32
-    if not 0 < cfg.lr < big:
-        raise ValueError("--lr must be a positive number")
-    if not 0 <= cfg.weight_decay < big:
-        raise ValueError("--weight-decay must be a finite number, 0 or more")
-    ctx = cfg.context_length
-    if ctx is not None and ctx not in ("batch", "longest", "model") and not ctx.isdigit():
-        raise ValueError("--context-length must be batch, longest, model or a number of tokens")
-    if ctx is not None and ctx.isdigit() and int(ctx) < 1:
-        raise ValueError("--context-length must be at least 1 token")
-    if cfg.no_padding and cfg.batch_size != 1:
-        raise ValueError("--no-padding needs --batch-size 1 (texts of different lengths cannot "
-                         "share a batch); use --accumulation-steps K to average over K texts")
-    if cfg.trunk_cache_gb is not None and not cfg.trunk_cache_gb >= 0:
-        raise ValueError("--trunk-cache-gb must be 0 (no cache) or more")
-    if cfg.average_embeddings and cfg.token_position not in (None, "last"):
-        raise ValueError("--average-embeddings pools every position; drop --token-position")
-    if cfg.batch_size % ddp.world():
-        raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over "
-                         f"{ddp.world()} processes; --batch-size is the whole batch of a step, "
-                         f"shared among them: pass a multiple of {ddp.world()}")
-    if ctx == "batch" and (cfg.average_embeddings or cfg.token_position == "last"):
-        raise ValueError("--context-length batch pads each batch only to its own longest text, "
-                         "so the last position (or the mean of all) would depend on the batch; "
-                         "use --token-position flexible, or --context-length longest")
-    for name in ("checkpoint_every", "early_stopping"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be 1 or more")
-    if cfg.early_stopping and not cfg.keep_best:
-        raise ValueError("--early-stopping needs --keep-best val_loss or val_accuracy: the "
-                         "score it watches, and the epoch whose weights the run keeps")
-    if cfg.final_splits is not None and cfg.final_splits != "all" and not set(
-            cfg.final_splits.split(",")) <= set(data.SPLIT_TITLES):
-        raise ValueError(f"--final-splits {cfg.final_splits}: give all, or some of "
-                         "train,validation,test separated by commas (such as validation,test)")
-    class_weight_values(cfg.class_weights)  # refuses a malformed list early
-
-
-def data_choices(cfg):
-    """(token position, context length) of the run: the flags where given, else the data's
-    defaults: the chapter's last position and longest-text padding for its SMS data; for own
-    files the last real token (flexible), each batch padded only to its own longest text."""
-    own = cfg.train_file is not None
-    position = cfg.token_position or ("flexible" if own and not cfg.average_embeddings
-                                      else "last")
-    ctx = cfg.context_length
-    if ctx is None:
-        ctx = ("batch" if own and position != "last" and not cfg.average_embeddings
-               and not cfg.no_padding else "longest")
-    if cfg.group_by_length and (ctx != "batch" or cfg.no_padding):
-        raise ValueError("--group-by-length groups texts of similar length so that batches "
-                         "need less padding; it needs per-batch padding (--context-length "
-                         "batch, the default for own files)")
-    return position, ctx
-
-
-def class_weight_values(spec):
-    """--class-weights: None, "balanced", or a list of positive numbers (ValueError if not)."""
-    if spec is None or spec == "balanced":
-        return spec
-    try:
-        values = [float(x) for x in spec.split(",")]
-    except ValueError:
-        values = []
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"--class-weights {spec!r}: give balanced, or one positive number per "
-                         "class in the class order, such as 1,4,2")
-    return values
-
-
-def class_weights(spec, train_labels, class_names, device=None):
-    """The loss's per-class weights as a tensor on `device` (None for none). `balanced`:
-    n / (C * n_c), inverse frequency in the training split, so every class weighs the same in
-    total."""
-    values = class_weight_values(spec)
-    if values is None:
-        return None
-    counts = [sum(label == i for label in train_labels) for i in range(len(class_names))]
-    if values == "balanced":
-        values = [len(train_labels) / (len(class_names) * n) for n in counts]
-    elif len(values) != len(class_names):
-        raise ValueError(f"--class-weights gives {len(values)} weights for "
-                         f"{len(class_names)} classes ({', '.join(class_names)}); give one "
-                         "per class, in that order")
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-def shortcuts_on(cfg):
-    """Whether the run takes the exact shortcuts: by default, unless --no-shortcuts or --plain
-    (the chapter's computation step by step)."""
-    return cfg.shortcuts and not cfg.plain
-
-
-def build_classifier(model, cfg, device, on_full=None, position=None):
-    """Wrap the set-up model with the run's choices, and the exact shortcuts unless they are off
-    (shortcuts.for_training: the frozen-trunk cache, the last block at the classified position).
-    Returns (classifier, note): the note says why the cache is off, or None. `position`: the
-    classified position (default: cfg's, or the chapter's last)."""
-    fast, note = None, None
-    if shortcuts_on(cfg):
-        max_bytes = None if cfg.trunk_cache_gb is None else int(cfg.trunk_cache_gb * 2**30)
-        if max_bytes is None and device.type == "cpu" and ddp.local_world() > 1:
-            max_bytes = shortcuts.default_cache_bytes() // ddp.local_world()  # processes share RAM
-        fast, note = shortcuts.for_training(model, max_bytes, on_full, data.PAD_ID)
-    classifier = gpt.Classifier(model, position=position or cfg.token_position or "last",
-                                average=cfg.average_embeddings,
-                                autocast_dtype=gpt.PRECISIONS[cfg.precision], shortcuts=fast)
-    return classifier, note
-
-
-# The device types torch's fused AdamW runs on (torch's own list).
-FUSED_DEVICES = _get_fused_kernels_supported_devices()
-
-
-def build_optimizer(model, cfg, device):
-    """AdamW over all parameters, as the chapter does (frozen ones get no gradient, so AdamW
-    leaves them be). With the shortcuts on, one fused kernel does the whole update, on every
-    device torch has it for (CPU, CUDA, MPS, ...): the same formula, rounded differently, and
-    on a CPU about 5x quicker than the loop over tensors."""
-    fused = shortcuts_on(cfg) and device.type in FUSED_DEVICES or None
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=fused)
-
-
-def warm_up(device):
-    """Start the device's maths libraries (cuBLAS on CUDA) with one small product, and wait for
-    it: what a first product costs is start-up, not training. Nothing on a CPU."""
-    if device.type == "cpu":
+@contextlib.contextmanager
+def deterministic(on):
+    """--deterministic, within this block: PyTorch's deterministic algorithms (a warning names
+    any operation that has none), and cuBLAS's fixed workspace, which CUDA needs for the same
+    bits from run to run (read when cuBLAS starts: before the run's first product). The
+    settings are put back as they were afterwards."""
+    if not on:
+        yield
         return
-    x = torch.ones(8, 8, device=device)
-    x @ x
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def device_name(device):
-    """What the device is, for the records: the GPU's name, or the CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return f"Apple {platform.machine()} (MPS)"
-    try:  # Linux: platform.processor() says only "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
-
-
-def cut_note(datasets):
-    """One line saying how many texts of each split a short --context-length cuts, and by how
-    much."""
-    parts = []
-    for name, ds in datasets.items():
-        if ds.cut:
-            parts.append(f"{len(ds.cut):,} of {len(ds):,} {name} texts (by {min(ds.cut):,} to "
-                         f"{max(ds.cut):,} tokens, {sum(ds.cut) / len(ds.cut):.0f} on average)")
-        else:
-            parts.append(f"none of the {name} texts")
-    max_length = next(iter(datasets.values())).max_length
-    return (f"note: the context length of {max_length} tokens cuts " + ", ".join(parts) +
-            f"; only their first {max_length} tokens are classified")
+    was = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 # --------------------------------------------------------------------------- the run, step by step
@@ -905,7 +298,7 @@ def cut_note(datasets):
 def load_data(cfg):
     """Step 1: the labelled rows, split: the chapter's balanced split of the SMS data, or the
     user's own files (printing what was decided about them)."""
-    labelled = data.load_labelled(cfg)
+    labelled = tables.load_labelled(cfg)
     for note in labelled.notes:
         print(note)
     return labelled
@@ -943,7 +336,7 @@ def make_datasets(cfg, splits, context, ctx):
     # A --context-length shorter than the texts (never the chapter's default); for own
     # files, any text longer than the longest training text or the model's context.
     if train_ds.cut or (cfg.train_file is not None and any(ds.cut for ds in datasets.values())):
-        print(cut_note(datasets))
+        print(data.cut_note(datasets))
     return datasets, pad
 
 
@@ -970,6 +363,47 @@ def make_loaders(cfg, datasets, class_names, device):
     return loaders
 
 
+def class_weights(spec, train_labels, class_names, device=None):
+    """The loss's per-class weights as a tensor on `device` (None for none). `balanced`:
+    n / (C * n_c), inverse frequency in the training split, so every class weighs the same in
+    total."""
+    values = class_weight_values(spec)
+    if values is None:
+        return None
+    counts = [sum(label == i for label in train_labels) for i in range(len(class_names))]
+    if values == "balanced":
+        values = [len(train_labels) / (len(class_names) * n) for n in counts]
+    elif len(values) != len(class_names):
+        raise ValueError(f"--class-weights gives {len(values)} weights for "
+                         f"{len(class_names)} classes ({', '.join(class_names)}); give one "
+                         "per class, in that order")
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def build_classifier(model, cfg, device, on_full=None, position=None):
+    """Wrap the set-up model with the run's choices, and the exact shortcuts unless they are off
+    (shortcuts.for_training: the frozen-trunk cache, the last block at the classified position).
+    Returns (classifier, note): the note says why the cache is off, or None. `position`: the
+    classified position (default: cfg's, or the chapter's last)."""
+    chosen, note = None, None
+    position = position or cfg.token_position or "last"
+    if shortcuts.enabled(cfg):
+        max_bytes = shortcuts.cache_budget(cfg, device)
+        # nothing past a row's last real token is read at these positions
+        extend = position in ("flexible", "first") and not cfg.average_embeddings
+        chosen, note = shortcuts.for_training(model, max_bytes, on_full, data.PAD_ID, extend)
+    classifier = gpt.Classifier(model, position=position, average=cfg.average_embeddings,
+                                autocast_dtype=gpt.PRECISIONS[cfg.precision], shortcuts=chosen)
+    return classifier, note
+
+
+def build_optimizer(model, cfg, device):
+    """AdamW over all parameters, as the chapter does (frozen ones get no gradient, so AdamW
+    leaves them be); one fused kernel where the shortcuts take it (shortcuts.fused_adamw)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=shortcuts.fused_adamw(cfg, device))
+
+
 def look_before_training(classifier, loaders, cfg, device, weight):
     """The chapter's look before training: accuracy over 10 batches and loss over 5 of each
     split, printed. The caller seeds torch first (the training loader draws its order)."""
@@ -987,6 +421,50 @@ def look_before_training(classifier, loaders, cfg, device, weight):
         print(f"{data.SPLIT_TITLES[s]} accuracy: {acc*100:.2f}%")
     for s, loss in zip(names, losses):
         print(f"{data.SPLIT_TITLES[s]} loss: {loss:.3f}")
+
+
+def weights_to_save(model, base, merge=True):
+    """(file name, tensors) that the run folder keeps of the trained model.
+
+    With `base` (the identity of the weights training started from, see gpt.base_identity) only
+    what training changed: the trainable tensors and the new class head, in trained.safetensors,
+    which evaluate.py lays over the base again. Without one (random weights, --self-contained),
+    or where every tensor trained anyway, the whole model in model.safetensors, LoRA folded in
+    (which changes `model` in place: call it last; `merge=False` leaves LoRA unfolded, for an
+    estimate of the size).
+    """
+    state = model.state_dict()
+    if base is not None:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        keep = {k: v for k, v in state.items() if k in trained or k.startswith("out_head.")}
+        if len(keep) < len(state):
+            return "trained.safetensors", keep
+    if merge and any(isinstance(m, gpt.LoRALinear) for m in model.modules()):
+        gpt.merge_lora(model)  # a plain GPT-2 with a class head
+        state = model.state_dict()
+    return "model.safetensors", state
+
+
+def checkpoint_estimate(model, base, cfg):
+    """Tensors as large as what the run folder holds at most while checkpoints are written: the
+    weights file, and two checkpoints (the old one stays until the new one is whole) each of
+    the trained tensors, AdamW's two moments of each and, with --keep-best, the best epoch's."""
+    trained = list(longrun.trainable_tensors(model).values())
+    copies = 2 * (3 + bool(cfg.keep_best))
+    return {**weights_to_save(model, base, merge=False)[1],
+            **{f"checkpoint.{i}": t for i, t in enumerate(trained * copies)}}
+
+
+def validation_scorer(val_loader, cfg, device, weight):
+    """--keep-best's score: a function of the classifier giving the whole validation split's
+    (loss, accuracy, examples), through the chapter's functions (longrun.LongRun calls it)."""
+    def score(classifier):
+        with torch.no_grad():
+            loss = calc_loss_loader(val_loader, classifier, device, None, cfg.ignore_index,
+                                    weight)
+        return loss, calc_accuracy_loader(val_loader, classifier, device), \
+            len(val_loader.dataset)
+    return score
 
 
 def final_splits(cfg, datasets):
@@ -1052,9 +530,7 @@ def run(cfg, given=None):
     `cfg.resume` set, goes on with that unfinished run from its checkpoint, with its own flags
     (`given`: the fields the command line set, which must not change them; see
     resume_config)."""
-    resumed = None
-    if cfg.resume is not None:
-        cfg, (out, replace_, work, resumed) = resume_config(cfg, given)
+    cfg, resume = longrun.start(cfg, given)  # a Fresh start unless --resume
     check_config(cfg)
     position, ctx = data_choices(cfg)
     device = ddp.device_for_rank(ddp.select_device(cfg.device))  # torchrun: LOCAL_RANK's GPU
@@ -1067,28 +543,23 @@ def run(cfg, given=None):
         torch.backends.cuda.matmul.fp32_precision = "tf32"
     if not ddp.is_main():  # under torchrun rank 0 alone prints and writes the run folder
         out, folder = None, files.NoFolder()
-    elif resumed:
-        folder = files.RunFolder(out, replace_, errors=ERRORS, resumed_log=resumed["log"])
     else:
-        out, replace_ = files.plan_output_dir(cfg)
-        folder = files.RunFolder(out, replace_, errors=ERRORS)
+        out, replace_ = resume.plan_output(cfg)
+        folder = files.RunFolder(out, replace_, errors=ERRORS, resumed_log=resume.log)
     start = time.time()
     log = files.Tee(sys.stdout, folder.log) if out else folder.log
-    with folder, contextlib.redirect_stdout(log):
-        if resumed:
-            print(f"Resumed {out} from its checkpoint ({resumed_at(resumed, cfg)}); the log "
-                  "goes on from there")
+    with folder, contextlib.redirect_stdout(log), deterministic(cfg.deterministic):
+        resume.announce(out, cfg)
         print(f"Run folder: {out}  (device: {device}, precision: {cfg.precision}"
-              f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''})")
+              f"{f', {ddp.world()} processes' if ddp.world() > 1 else ''}"
+              f"{', deterministic algorithms' if cfg.deterministic else ''})")
         labelled = load_data(cfg)  # 1
         splits, class_names = labelled.splits, labelled.class_names
         weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names,
                                device)  # on the device: every loss, from the first, uses it
         torch.manual_seed(cfg.seed)  # 2: the initial weights, where they are random
         model, base = load_model(cfg)
-        if resumed:
-            check_checkpoint_fits(resumed, work / files.CHECKPOINT, model, base,
-                                  labelled.source)
+        resume.check_fits(model, base, labelled.source)
         datasets, pad = make_datasets(cfg, splits, model.cfg.context_length, ctx)  # 3
         torch.manual_seed(cfg.seed)  # 4: the loaders (the chapter's order; they draw later)
         loaders = make_loaders(cfg, datasets, class_names, device)
@@ -1096,8 +567,7 @@ def run(cfg, given=None):
         gpt.setup_classifier(model, len(class_names), cfg.trainable_layers,
                              cfg.lora_rank, cfg.lora_alpha)
         model.to(device)
-        if resumed:
-            load_checkpoint(resumed, work / files.CHECKPOINT, model)
+        resume.load_model(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"Trainable parameters: {n_train:,} of {n_all:,}")
@@ -1113,7 +583,7 @@ def run(cfg, given=None):
         # Every input has passed its checks: only now is the run folder made. From here on a
         # failure keeps the log, the error line in it (a finished run being replaced: as it was).
         work = folder.make()
-        if cfg.initial_eval and not resumed:  # own classifier and cache: training starts cold
+        if cfg.initial_eval and resume.at_start:  # own classifier and cache: starts cold
             before, _ = build_classifier(model, cfg, device, position=position)
             torch.manual_seed(cfg.seed)  # the look draws the training loader's order; reseeded
             look_before_training(before, loaders, cfg, device, weight)
@@ -1121,44 +591,44 @@ def run(cfg, given=None):
 
         # Training: AdamW over all parameters (frozen ones have no gradient, so stay put).
         classifier, note = build_classifier(model, cfg, device, on_full=print, position=position)
-        warm_up(device)  # the device's start-up (CUDA's libraries) outside the timed phase
-        start_time = time.time() - (resumed["train_seconds"] if resumed else 0)
+        ddp.warm_up(device)  # the device's start-up (CUDA's libraries) outside the timed phase
+        start_time = time.time() - resume.train_seconds
         torch.manual_seed(cfg.seed)
         optimizer = build_optimizer(model, cfg, device)
-        print(shortcuts.describe(classifier, optimizer, cfg.precision) if shortcuts_on(cfg) else
+        print(shortcuts.describe(classifier, optimizer, cfg.precision)
+              if shortcuts.enabled(cfg) else
               f"Shortcuts: off ({'--plain' if cfg.plain else '--no-shortcuts'})")
         if note:
             print(note)
         shortcuts.prefill(classifier, loaders, cfg)  # inside the timed phase: the loop's work
         classifier = ddp.wrap(classifier, device)  # under torchrun: DDP over what trains
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        if resumed:
-            optimizer.load_state_dict(resumed["optimizer"])
-            scaler.load_state_dict(resumed["scaler"])
+        resume.load_training(optimizer, scaler)
 
         def save(state):  # a checkpoint: what LongRun gives, with what resuming checks
-            state = {"format": CHECKPOINT_FORMAT, **state, "flags": asdict(cfg),
+            state = {"format": longrun.CHECKPOINT_FORMAT, **state, "flags": asdict(cfg),
                      "model": asdict(model.cfg), "base": base, "data": labelled.source,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "log": folder.log.text(), "train_seconds": time.time() - start_time}
+                     "log": folder.log.text(), "train_seconds": time.time() - start_time,
+                     "threads": torch.get_num_threads()}
             try:
                 files.write_atomic(work / files.CHECKPOINT, lambda f: torch.save(state, f),
                                    sync=True)
             except OSError as e:  # a full disk, say: training goes on; the last one is kept
                 print(f"warning: could not write the checkpoint: {files.describe_os_error(e)};"
                       " training goes on (the previous checkpoint, if any, is kept)")
-        long_run = LongRun(cfg, model, loaders, device, weight, save if out else None, resumed)
+        score = validation_scorer(loaders["validation"], cfg, device, weight)
+        long_run = longrun.LongRun(cfg, model, score, save if out else None, resume.checkpoint)
         history = train_classifier_simple(classifier, loaders, optimizer, cfg, device, scaler,
                                           weight, long_run)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        ddp.synchronize(device)
         train_minutes = (time.time() - start_time) / 60
         print(f"Training completed in {train_minutes:.2f} minutes.")
         best = long_run.keep_best()
 
         # 6. The training loader shuffles and drops its last partial batch, so this pass leaves
         # out a few examples (5 of 1,045); run.json names them so evaluate.py leaves out the same.
-        dropped = dropped_examples(loaders["train"])
+        dropped = data.dropped_examples(loaders["train"])
         names, said = final_splits(cfg, datasets)
         if said:
             print(said)
@@ -1174,7 +644,7 @@ def run(cfg, given=None):
             "batch_size": cfg.batch_size, "final_train_dropped": dropped,
             "data": labelled.source, **({"best_epoch": best} if best else {})}
         timing = {"train_minutes": train_minutes, "total_minutes": (time.time() - start) / 60,
-                  "device": str(device), "device_name": device_name(device)}
+                  "device": str(device), "device_name": ddp.device_name(device)}
         save_run(work, out, folder, model, base, cfg, history, final, run_info, timing)  # 7
     return out
 
@@ -1183,30 +653,6 @@ def run(cfg, given=None):
 
 # What run() raises for bad input or a failed run: one error line each, never a traceback.
 ERRORS = (ValueError, data.DataError, gpt.WeightsError, Diverged, files.RunFailed, OSError)
-
-
-def parse_args(argv=None, defaults=True):
-    """TrainConfig from the command line: one flag per field, its help and default from the
-    field (see `option`). `defaults=False`: a dict of only the flags the command line gives."""
-    p = argparse.ArgumentParser(description="Fine-tune GPT-2 to classify text: chapter 6's run "
-                                "(sections 6.4-6.8) on its SMS spam data, or on your own "
-                                "labelled files; by default through exact shortcuts.")
-    groups = {}
-    for f in fields(TrainConfig):
-        kw = dict(f.metadata)
-        help_, flags, group = kw.pop("help"), kw.pop("flags"), kw.pop("group")
-        target = p if group is None else groups.setdefault(group, p.add_argument_group(group))
-        if f.type is bool:
-            kw.setdefault("action", "store_true")
-        elif "choices" not in kw and f.type is not str:
-            kw.setdefault("type", f.type)
-        target.add_argument(*(flags or ["--" + f.name.replace("_", "-")]), dest=f.name,
-                            default=f.default if defaults else argparse.SUPPRESS,
-                            help=help_.format(default=f.default), **kw)
-    # older command lines: --fast was the shortcuts' flag when they were off by default
-    p.add_argument("--fast", dest="shortcuts", action="store_true", help=argparse.SUPPRESS,
-                   **({} if defaults else {"default": argparse.SUPPRESS}))
-    return TrainConfig(**vars(p.parse_args(argv))) if defaults else vars(p.parse_args(argv))
 
 
 def main(argv=None):

@@ -439,7 +439,8 @@ def read_safetensors(path):
 
 
 def load_hf_weights(model, tensors):
-    """Copy Hugging Face GPT-2 tensors into `model` in place, checking names and shapes."""
+    """Copy Hugging Face GPT-2 tensors into `model` in place, checking names and shapes (the
+    chapter's `load_weights_into_gpt`, from the checkpoint's own names: HF_NAMES)."""
     n_layers = model.cfg.n_layers
     plan = {ours.format(i=i): (theirs.format(i=i), how) for ours, theirs, how in HF_NAMES
             for i in (range(n_layers) if "{i}" in ours else [0])}
@@ -617,7 +618,8 @@ def config_from_dict(d):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, context_size=None):
-    """Greedy decoding: append the most likely next token `max_new_tokens` times. idx: (B, T)."""
+    """Greedy decoding (the chapter's `generate_text_simple`): append the most likely next
+    token `max_new_tokens` times. idx: (B, T)."""
     context_size = context_size or model.cfg.context_length
     for _ in range(max_new_tokens):
         logits = model(idx[:, -context_size:])[:, -1, :]  # (B, vocab)

@@ -28,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 import ddp
 import files
@@ -293,26 +294,34 @@ class TrunkCache:
     """Outputs of the model's frozen leading part (embeddings + first k blocks), per example.
 
     With dropout off and those weights frozen, that part's output depends on the token ids alone,
-    so it is computed once per distinct example (lazily, when first seen) and reused by every
-    later step and evaluation. Refused when dropout is on; raises if a cached weight changes.
+    so it is computed once per distinct example and reused by every later step and evaluation.
+    Refused when dropout is on; raises if a cached weight changes.
 
     Under the causal mask a row's outputs at its first L positions do not depend on what follows
     them, so with right padding (`pad_id`) an example is keyed by its ids without the trailing
-    padding: the same text padded to 120 and to 90 tokens shares one entry (the longest padding
-    seen is kept; a shorter one reads its prefix). Without the causal mask the whole padded row
-    is the key. Entries are stored in the dtype the fill computes in (bf16 under bf16 autocast)
-    and handed back in the model's dtype. `max_bytes` caps the store (default:
-    `default_cache_bytes`); past it, new examples are computed each time they are read, and
-    `on_full` (if given) is called once with a message saying so. The frozen blocks run as
-    `FrozenBlock`s, prepared once per model, weights and precision (weights cast once instead
-    of by autocast on every call, Q/K/V in one product, oneDNN's fused GELU and adds on a CPU);
-    `prepare=False`
-    runs the blocks as written (under autocast if on), `onednn=False` prepares them without
-    oneDNN: the benchmarks' before and after.
+    padding: the same text padded to 120 and to 90 tokens shares one entry (a shorter padding
+    reads its prefix). Without the causal mask the whole padded row is the key.
+
+    What an entry holds depends on the data alone, not on when or beside which rows it was first
+    read: `fill` computes the rows a run reads ahead of the loop, in fixed groups, and an entry
+    is computed again only where a batch is padded past it and `extend` is off. With `extend`
+    (the classified position is at or before each row's last real token: the last real token or
+    the first, not the mean) nothing past that token is ever read (the causal mask gives it
+    weight exactly 0), so such an entry is extended with zeros instead. A resumed run thus reads
+    exactly what the run never stopped read.
+
+    Entries are stored in the dtype the fill computes in (bf16 under bf16 autocast) and handed
+    back in the model's dtype. `max_bytes` caps the store (default: `default_cache_bytes`); past
+    it, new examples are computed each time they are read, and `on_full` (if given) is called
+    once with a message saying so. The frozen blocks run as `FrozenBlock`s, prepared once per
+    model, weights and precision (weights cast once instead of by autocast on every call, Q/K/V
+    in one product, oneDNN's fused GELU and adds on a CPU); `prepare=False` runs the blocks as
+    written (under autocast if on), `onednn=False` prepares them without oneDNN: the benchmarks'
+    before and after.
     """
 
     def __init__(self, model, pad_id=gpt.PAD_ID, max_bytes=None, on_full=None, prepare=True,
-                 onednn=True):
+                 onednn=True, extend=False):
         if model.cfg.drop_rate != 0:
             raise ValueError("the frozen-trunk cache needs drop_rate 0: with dropout the "
                              "frozen blocks' outputs are random")
@@ -334,7 +343,7 @@ class TrunkCache:
         self.max_bytes = default_cache_bytes(self.params[0].device) if max_bytes is None \
             else max_bytes
         self.bytes, self.uncached, self.on_full = 0, set(), on_full
-        self.prepare, self.onednn = prepare, onednn
+        self.prepare, self.onednn, self.extend = prepare, onednn, extend
         self.host_ids = None  # see keys_from
 
     @property
@@ -374,14 +383,16 @@ class TrunkCache:
                     x = block(x)
         return x
 
-    def fill(self, rows, batch_size=32, progress=None):
+    def fill(self, rows, batch_size=16, progress=None):
         """Compute and store, in batches of `batch_size`, each of `rows` (1-D token ids, any
         lengths) not stored yet: the examples a run will read, ahead of time, in batches larger
-        than the loop's (larger matrix products run nearer the machine's peak). Each is padded
-        to the longest row given, so any padding a loader gives it later reads a prefix. Only
-        under the causal mask (otherwise the padding is part of the key, and the loop fills).
-        Stops where the store is full. `progress` wraps the batches (a progress bar).
-        Returns the number of examples computed."""
+        than the loop's (larger matrix products run nearer the machine's peak). The rows are
+        grouped in a fixed way, by length (a stable sort: rows of one length, such as the
+        chapter's padded rows, keep their order), each group padded to its longest row, so the
+        same rows always give the same entries. Only under the causal mask (otherwise the
+        padding is part of the key, and the loop fills). Stops where the store is full.
+        `progress` wraps the batches (a progress bar). Returns the number of examples
+        computed."""
         if not self.causal:
             return 0
         pending = {}
@@ -392,14 +403,14 @@ class TrunkCache:
                 pending[key] = row
         if not pending:
             return 0
-        width = max(len(row) for row in pending.values())
-        items = list(pending.items())
+        items = sorted(pending.items(), key=lambda item: len(item[1]))
         chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
         done = 0
         device = self.params[0].device
         for chunk in (progress(chunks) if progress else chunks):
             if self.uncached:
                 break
+            width = max(len(row) for _, row in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             for j, (_, row) in enumerate(chunk):
                 ids[j, :len(row)] = row
@@ -441,6 +452,8 @@ class TrunkCache:
             hit = self.store.get(k)
             if hit is not None and len(hit) >= num_tokens:
                 rows[i] = hit[:num_tokens]
+            elif hit is not None and self.extend and self.causal:  # never read past its end
+                rows[i] = F.pad(hit, (0, 0, 0, num_tokens - len(hit)))
             else:
                 missing.append(i)
         if missing:  # the rows to compute, picked on the device by an index tensor
@@ -472,8 +485,8 @@ def keys_from(model, host_ids):
     """The context in which the trunk cache of `model` (a Classifier, under DDP or not) reads
     its keys from `host_ids`, the host copy of the ids it is given (TrunkCache.keys_from); a
     no-op without a cache."""
-    fast = getattr(getattr(model, "module", model), "shortcuts", None)
-    trunk = fast.trunk if fast is not None else None
+    taken = getattr(getattr(model, "module", model), "shortcuts", None)
+    trunk = taken.trunk if taken is not None else None
     return trunk.keys_from(host_ids) if trunk is not None else nullcontext()
 
 
@@ -521,18 +534,19 @@ class Shortcuts:
 
 # -------------------------------------------------------------------------------------- the policy
 
-def for_training(model, max_bytes=None, on_full=None, pad_id=gpt.PAD_ID):
+def for_training(model, max_bytes=None, on_full=None, pad_id=gpt.PAD_ID, extend=False):
     """(Shortcuts, note) for training the set-up `model`: the frozen-trunk cache (capped at
-    `max_bytes`, 0 for none) and the last block at the classified position; on a CPU also glibc's
-    freed memory kept for reuse (`keep_freed_memory`). The note says why the cache is off, or is
-    None."""
+    `max_bytes`, 0 for none; `extend`: see TrunkCache) and the last block at the classified
+    position; on a CPU also glibc's freed memory kept for reuse (`keep_freed_memory`). The note
+    says why the cache is off, or is None."""
     trunk, note = None, None
     if next(model.parameters()).device.type == "cpu":
         keep_freed_memory()
     try:
         if max_bytes == 0:
             raise ValueError("--trunk-cache-gb 0")
-        trunk = TrunkCache(model, pad_id=pad_id, max_bytes=max_bytes, on_full=on_full)
+        trunk = TrunkCache(model, pad_id=pad_id, max_bytes=max_bytes, on_full=on_full,
+                           extend=extend)
     except ValueError as e:
         note = f"frozen-trunk cache off: {e}"
     return Shortcuts(trunk=trunk, tail=True), note
@@ -561,28 +575,56 @@ def fill_batch(device):
 
 def prefill(classifier, loaders, cfg):
     """Fill the classifier's trunk cache, ahead of the loop and in batches of `fill_batch`, with
-    the examples the loop reads anyway when it runs at least one whole epoch: every training
-    example and the validation examples its evaluations read, when they are padded to one
-    length (the chapter's data), in the precision the forward pass runs in. Larger batches run
-    nearer the machine's peak; the numbers are the same up to float rounding. Returns the
-    examples computed."""
+    the examples the loop reads: every training example and the validation examples its
+    evaluations read, in the precision the forward pass runs in. Larger batches run nearer the
+    machine's peak (the numbers are the same up to float rounding), and the cache then holds
+    the same whatever the loop reads first, so a resumed run reads what the run never stopped
+    read (see TrunkCache). Skipped for a run shorter than an epoch (--max-steps) that writes no
+    checkpoint within it: it would compute rows it never reads. Under torchrun each process
+    fills every row: each reads a share of every batch. Returns the examples computed."""
     trunk = classifier.shortcuts.trunk if classifier.shortcuts is not None else None
     train_loader = loaders["train"]
-    if trunk is None or ddp.world() > 1 or cfg.max_steps is not None and \
-            cfg.max_steps < len(train_loader):
-        return 0  # (under torchrun each process reads only its share of each batch)
+    short = cfg.max_steps is not None and cfg.max_steps < len(train_loader)
+    if trunk is None or short and not cfg.checkpoint_every:
+        return 0
     val = loaders["validation"].dataset
     read = min(len(val), cfg.eval_iter * cfg.batch_size)
     rows = [train_loader.dataset[i][0] for i in range(len(train_loader.dataset))] + \
         [val[i][0] for i in range(read)]
-    if len({len(row) for row in rows}) > 1:
-        return 0  # padded per batch: the loop's paddings are not known ahead; it fills lazily
 
     def bar(chunks):
         return files.progress(chunks, desc="Frozen-trunk cache", unit="batch")
     device = trunk.params[0].device
     with classifier.autocast(device):
         return trunk.fill(rows, fill_batch(device), bar)
+
+
+def enabled(cfg):
+    """Whether a run takes the exact shortcuts: by default, unless --no-shortcuts or --plain
+    (the chapter's computation step by step). `cfg`: a TrainConfig."""
+    return cfg.shortcuts and not cfg.plain
+
+
+def cache_budget(cfg, device):
+    """The trunk cache's cap in bytes for a run (None: the default, a quarter of the machine's
+    memory): --trunk-cache-gb where given; under torchrun on a CPU the default shared among the
+    processes on this machine, which share its memory."""
+    if cfg.trunk_cache_gb is not None:
+        return int(cfg.trunk_cache_gb * 2**30)
+    if device.type == "cpu" and ddp.local_world() > 1:
+        return default_cache_bytes() // ddp.local_world()
+    return None
+
+
+# The device types torch's fused AdamW runs on (torch's own list).
+FUSED_DEVICES = _get_fused_kernels_supported_devices()
+
+
+def fused_adamw(cfg, device):
+    """Whether AdamW runs as one fused kernel: with the shortcuts on, on every device torch has
+    it for (CPU, CUDA, MPS, ...): the same formula, rounded differently, and on a 2-core CPU
+    3.05x quicker than the loop over tensors (docs/speed.md). None leaves torch's default."""
+    return enabled(cfg) and device.type in FUSED_DEVICES or None
 
 
 def describe(classifier, optimizer, precision):

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import data
+import ddp
 import files
 import gpt
 import shortcuts
@@ -365,8 +366,7 @@ def roofline_rows(results):
 
 def cpu_line():
     """The CPU named, with whether it has AMX tiles (and whether oneDNN's bf16 kernels run)."""
-    import finetune  # (the benchmarks' import; conftest stays light otherwise)
-    name = finetune.device_name(torch.device("cpu"))
+    name = ddp.device_name(torch.device("cpu"))
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported() if torch.backends.mkldnn.is_available() \
         else False
     return (f"CPU: {name}; AMX: {'yes' if shortcuts.HAS_AMX else 'no'}; oneDNN bf16: "

@@ -249,8 +249,8 @@ def test_inference_shortcuts(benchmark, lever_table, gpt_small, token_data, size
     x = ids_of(token_data, sizes.batch, sizes)
     dtype = gpt.PRECISIONS[precision]
 
-    def classify(shortcuts):
-        classifier = evaluate.inference_classifier(gpt_small, {}, dtype, fast=shortcuts)
+    def classify(use_shortcuts):
+        classifier = evaluate.inference_classifier(gpt_small, {}, dtype, use_shortcuts)
 
         def go():
             with torch.no_grad():

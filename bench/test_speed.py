@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import data
+import ddp
 import finetune
 import gpt
 import shortcuts
@@ -228,8 +229,8 @@ class Setup:
 
     @property
     def trunk(self):
-        fast = self.classifier.shortcuts
-        return fast.trunk if fast is not None else None
+        taken = self.classifier.shortcuts
+        return taken.trunk if taken is not None else None
 
     def autocast(self):
         if self.dtype is None:
@@ -296,7 +297,7 @@ def row_of(sizes, results, peak_tflops):
     """The summary's Row of a case (made on first use), with its device name and peak."""
     def get(case):
         device, precision, variant, trainable = case
-        row = results.row(device=device, device_name=finetune.device_name(torch.device(device)),
+        row = results.row(device=device, device_name=ddp.device_name(torch.device(device)),
                           precision=precision, variant=variant, trainable=trainable,
                           batch=sizes.batch, tokens=sizes.tokens, fill_batch=sizes.fill_batch)
         if row.peak_tflops is None:

@@ -204,8 +204,8 @@ def test_the_timed_phase_starts_after_the_device_is_warm(fake_device, tmp_path, 
     clock = types.SimpleNamespace(time=lambda: events.append("clock") or 0.0,
                                   strftime=finetune.time.strftime)
     monkeypatch.setattr(finetune, "time", clock)
-    warm, train = finetune.warm_up, finetune.train_classifier_simple
-    monkeypatch.setattr(finetune, "warm_up", lambda d: events.append("warm") or warm(d))
+    warm, train = ddp.warm_up, finetune.train_classifier_simple
+    monkeypatch.setattr(ddp, "warm_up", lambda d: events.append("warm") or warm(d))
     monkeypatch.setattr(finetune, "train_classifier_simple",
                         lambda *a, **k: events.append("train") or train(*a, **k))
     train_on_meta(fake_device, tmp_path, ["--data", sms, "--max-steps", "1",

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import experiments
 import finetune
 
@@ -119,7 +120,7 @@ def test_the_table_matches_the_chapters():
 @pytest.mark.parametrize("number", sorted(EXPECTED))
 def test_each_row_maps_onto_finetune_flags(number):
     cfg = experiments.row_config(number)
-    finetune.check_config(cfg)  # a setting finetune.py accepts
+    config.check_config(cfg)  # a setting finetune.py accepts
     default = finetune.TrainConfig()
     changed = {f.name: getattr(cfg, f.name) for f in fields(cfg)
                if getattr(cfg, f.name) != getattr(default, f.name)}

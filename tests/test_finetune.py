@@ -267,7 +267,7 @@ def test_dropped_examples_are_the_ones_the_pass_leaves_out(real_data):
 
     torch.manual_seed(7)
     loader = data.create_loaders({"train": Numbered()})["train"]
-    dropped = finetune.dropped_examples(loader)
+    dropped = data.dropped_examples(loader)
     seen = {int(i) for batch, _ in loader for i in batch}
     assert dropped == sorted(set(range(len(ds))) - seen) and len(dropped) == 5
 

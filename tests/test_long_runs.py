@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import files
 import finetune
+import longrun
 import reference
 
 pytestmark = pytest.mark.slow
@@ -75,8 +76,10 @@ def killed_run(tmp_path, args, at, how="after"):
     """finetune.py in its own process, SIGKILLed at its `at`th checkpoint; returns its stdout."""
     script = tmp_path / "killed.py"
     script.write_text(KILLER)
+    # The same thread count as the runs in this process: the promise is the same bits on the
+    # same machine with the same threads (no kernel promises them across thread counts).
     env = {**os.environ, "KILL_AT": str(at), "KILL": how, "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run([sys.executable, "-u", str(script), *map(str, args)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
@@ -150,8 +153,15 @@ def data_args(kind, tmp_path, small_raw_path, raw_path_fn):
     # with the best epoch kept and early stopping
     ("sms", ["--keep-best", "val_loss", "--early-stopping", "2", "--lr", "1e-3"], 2, "after"),
     ("real-sms", [], 2, "after"),
+    # own files (per-batch padding) from two more kill points, and with batches grouped by
+    # length: before the trunk cache was filled ahead in fixed groups, what a row's entry held
+    # depended on the batch it was first read in, and these ended with other weights
+    ("own", [], 3, "after"),
+    ("own", ["--checkpoint-every", "4"], 5, "after"),
+    ("own", ["--group-by-length"], 2, "after"),
 ], ids=["sms", "sms-no-shortcuts", "own", "own-no-shortcuts", "killed-while-writing",
-        "within-an-epoch", "own-lora-within-an-epoch", "keep-best", "real-sms"])
+        "within-an-epoch", "own-lora-within-an-epoch", "keep-best", "real-sms",
+        "own-epoch-3", "own-within-an-epoch", "own-grouped"])
 def test_a_run_killed_and_resumed_ends_as_the_run_never_stopped(
         tmp_path, capsys, tiny_weights, small_raw_path, request, kind, extra, at, how):
     args = ["--weights", tiny_weights, *data_args(
@@ -191,7 +201,7 @@ def test_the_checkpoint_holds_what_resuming_needs(tmp_path, capsys, tiny_weights
     run = tmp_path / "run"
     killed_run(tmp_path, ["--weights", tiny_weights, "--data", small_raw_path, *QUICK,
                           "--output-dir", run], 2)
-    ckpt = finetune.read_checkpoint(run / files.CHECKPOINT)
+    ckpt = longrun.read_checkpoint(run / files.CHECKPOINT)
     assert ckpt["point"]["epoch"] == 2 and ckpt["point"]["batch"] == 0
     assert len(ckpt["history"]["train_accs"]) == 2 and ckpt["history"]["steps"] == 42
     assert set(ckpt["point"]["rng"]) >= {"torch", "python", "numpy"}
@@ -358,7 +368,7 @@ def test_resume_refuses_a_checkpoint_of_another_version(stopped, capsys):
     run, _ = stopped
     ckpt = run / files.CHECKPOINT
     state = torch.load(ckpt, weights_only=True)
-    torch.save({**state, "format": finetune.CHECKPOINT_FORMAT + 1}, ckpt)
+    torch.save({**state, "format": longrun.CHECKPOINT_FORMAT + 1}, ckpt)
     line = error_line(capsys, ["--resume", run])
     assert "another version of finetune.py" in line
     flags = {**state["flags"], "a_flag_of_the_future": 1}
@@ -414,7 +424,7 @@ def test_under_torchrun_every_process_resumes(tmp_path, tiny_weights, small_raw_
     monkeypatch.setenv("KILL", "after")
     killed = torchrun(args + ["--output-dir", run], cwd=tmp_path, script=script, timeout=300)
     assert killed.returncode != 0 and not (run / "run.json").exists()
-    assert finetune.read_checkpoint(run / files.CHECKPOINT)["point"]["epoch"] == 2
+    assert longrun.read_checkpoint(run / files.CHECKPOINT)["point"]["epoch"] == 2
 
     resumed = torchrun(["--resume", run], cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -494,3 +504,27 @@ def test_a_checkpoint_that_cannot_be_written_is_a_warning(tmp_path, capsys, tiny
     warnings = [x for x in out.splitlines() if x.startswith(warned)]
     assert len(warnings) == 2 and f"{run / files.CHECKPOINT}: the disk is full" in warnings[0]
     assert (run / "run.json").is_file()  # training went on and finished
+
+
+def test_deterministic_turns_on_the_deterministic_algorithms_for_the_run_alone(
+        tmp_path, capsys, tiny_weights, small_raw_path, monkeypatch):
+    seen = []
+    train = finetune.train_classifier_simple
+
+    def watching(*a, **k):
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return train(*a, **k)
+    monkeypatch.setattr(finetune, "train_classifier_simple", watching)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    args = ["--weights", tiny_weights, "--data", small_raw_path, "--max-steps", "2",
+            "--device", "cpu"]
+    out = main_out(capsys, args + ["--output-dir", tmp_path / "det", "--deterministic"])
+    assert "deterministic algorithms)" in out.splitlines()[0]
+    assert seen == [(True, ":4096:8")]
+    assert not torch.are_deterministic_algorithms_enabled()  # put back after the run
+    main_out(capsys, args + ["--output-dir", tmp_path / "plain"])
+    assert seen[1][0] is False
+    # on a CPU nothing changes: the same weights
+    a, b = weights_of(tmp_path / "det"), weights_of(tmp_path / "plain")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,6 +12,7 @@ import io
 import json
 import random
 import re
+import shutil
 import sys
 
 import pytest
@@ -22,6 +23,7 @@ import evaluate
 import finetune
 import gpt
 import shortcuts
+import tables
 
 CPU = torch.device("cpu")
 WORDS = {  # each class its own words, so that a tiny model learns them in a few steps
@@ -81,49 +83,49 @@ def test_each_format_reads_the_same_rows(tmp_path):
     as_jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
     expected = [(y, t) for y, t in rows]
     for path in (as_csv, as_jsonl):
-        records = data.read_records(path)
+        records = tables.read_records(path)
         assert [(r.label, r.text) for r in records] == expected, path
     # a .tsv row is one line split at tabs, its quotes ordinary characters (issue 20)
     tsv_rows = [(y, t) for y, t in rows if not set(t) & set("\t\n")]
     as_tsv = tmp_path / "d.tsv"
     as_tsv.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for y, t in tsv_rows),
                       encoding="utf-8")
-    assert [(r.label, r.text) for r in data.read_records(as_tsv)] == tsv_rows
+    assert [(r.label, r.text) for r in tables.read_records(as_tsv)] == tsv_rows
     # rows are numbered as a spreadsheet shows them (header = row 1); JSON lines by line
-    assert [r.row for r in data.read_records(as_csv)] == [2, 3, 4, 5]
-    assert [r.row for r in data.read_records(as_jsonl)] == [1, 2, 3, 4]
+    assert [r.row for r in tables.read_records(as_csv)] == [2, 3, 4, 5]
+    assert [r.row for r in tables.read_records(as_jsonl)] == [1, 2, 3, 4]
     # --format overrides the extension
     other = tmp_path / "d.txt"
     other.write_bytes(as_tsv.read_bytes())
-    assert [(r.label, r.text) for r in data.read_records(other, "tsv")] == tsv_rows
+    assert [(r.label, r.text) for r in tables.read_records(other, "tsv")] == tsv_rows
 
 
 def test_columns_match_any_case_and_a_byte_order_mark(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes("\ufeffID,Label,TEXT\n1,x,hello\n2,y,world\n".encode("utf-8"))
-    records = data.read_records(path)
+    records = tables.read_records(path)
     assert [(r.label, r.text) for r in records] == [("x", "hello"), ("y", "world")]
     custom = write_csv(tmp_path / "c.csv", [("pos", "good")], header=("Review", "Sentiment"))
-    records = data.read_records(custom, text_column="review", label_column="SENTIMENT")
+    records = tables.read_records(custom, text_column="review", label_column="SENTIMENT")
     assert [(r.label, r.text) for r in records] == [("pos", "good")]
 
 
 def test_the_chapters_csvs_need_no_flags(tmp_path):
     data.write_csv([(0, "hello there"), (1, "WIN cash now")], tmp_path / "train.csv")
-    records = data.read_records(tmp_path / "train.csv")  # header Label,Text
+    records = tables.read_records(tmp_path / "train.csv")  # header Label,Text
     assert [(r.label, r.text) for r in records] == [("0", "hello there"), ("1", "WIN cash now")]
 
 
 def test_class_order(tmp_path):
-    assert data.class_order(["b", "a", "c", "a"]) == ["a", "b", "c"]
-    assert data.class_order(["10", "9", "2"]) == ["2", "9", "10"]  # numeric, not "10" < "2"
-    assert data.class_order(["b", "a"], ["b", "a"]) == ["b", "a"]
+    assert tables.class_order(["b", "a", "c", "a"]) == ["a", "b", "c"]
+    assert tables.class_order(["10", "9", "2"]) == ["2", "9", "10"]  # numeric, not "10" < "2"
+    assert tables.class_order(["b", "a"], ["b", "a"]) == ["b", "a"]
     rows = [("10", "x"), ("9", "y"), ("09", "z"), ("2", "w")] * 3
-    loaded = data.file_data(write_csv(tmp_path / "t.csv", rows), val_frac=0.25, test_frac=0)
+    loaded = tables.file_data(write_csv(tmp_path / "t.csv", rows), val_frac=0.25, test_frac=0)
     assert loaded.class_names == ["2", "9", "10"]  # "09" is the class 9
     # labels may be JSON integers or strings; --labels fixes the order
     jrows = [(1, "x"), ("0", "y"), (2, "z")] * 4
-    loaded = data.file_data(write_jsonl(tmp_path / "t.jsonl", jrows), labels="2,0,1",
+    loaded = tables.file_data(write_jsonl(tmp_path / "t.jsonl", jrows), labels="2,0,1",
                             val_frac=0.25, test_frac=0)
     assert loaded.class_names == ["2", "0", "1"]
     assert {y for y, _ in loaded.splits["train"] + loaded.splits["validation"]} == {0, 1, 2}
@@ -136,7 +138,7 @@ def test_class_order(tmp_path):
 def test_stratified_split_keeps_each_classes_share(tmp_path):
     counts = {"sport": 200, "tech": 60, "food": 10}
     rows = make_rows(counts)
-    loaded = data.file_data(write_csv(tmp_path / "t.csv", rows))
+    loaded = tables.file_data(write_csv(tmp_path / "t.csv", rows))
     names = loaded.class_names
     splits = loaded.splits
     assert list(splits) == ["train", "validation", "test"]
@@ -146,10 +148,10 @@ def test_stratified_split_keeps_each_classes_share(tmp_path):
             got = sum(names[y] == c for y, _ in splits[name])
             assert abs(got - n * frac) <= 1, (name, c, got)
             assert got >= 1
-    again = data.file_data(write_csv(tmp_path / "t.csv", rows))
+    again = tables.file_data(write_csv(tmp_path / "t.csv", rows))
     assert again.splits == splits  # seeded
     # a class of 3 rows still reaches every split
-    tiny = data.file_data(write_csv(tmp_path / "u.csv", make_rows({"sport": 50, "tech": 3})))
+    tiny = tables.file_data(write_csv(tmp_path / "u.csv", make_rows({"sport": 50, "tech": 3})))
     for part in tiny.splits.values():
         assert {y for y, _ in part} == {0, 1}
 
@@ -158,14 +160,14 @@ def test_which_splits_are_cut_from_the_training_file(tmp_path):
     train = write_csv(tmp_path / "train.csv", make_rows(20))
     val = write_csv(tmp_path / "val.csv", make_rows(3, seed=1))
     test = write_csv(tmp_path / "test.csv", make_rows(4, seed=2))
-    only_val = data.file_data(train, val)
+    only_val = tables.file_data(train, val)
     assert list(only_val.splits) == ["train", "validation"]  # no test split unless asked
     assert len(only_val.splits["train"]) == 60 and len(only_val.splits["validation"]) == 9
-    with_test = data.file_data(train, val, test_frac=0.2)
+    with_test = tables.file_data(train, val, test_frac=0.2)
     assert [len(s) for s in with_test.splits.values()] == [48, 9, 12]
-    only_test = data.file_data(train, None, test)
+    only_test = tables.file_data(train, None, test)
     assert [len(s) for s in only_test.splits.values()] == [54, 6, 12]
-    given = data.file_data(train, val, test)
+    given = tables.file_data(train, val, test)
     assert [len(s) for s in given.splits.values()] == [60, 9, 12]
     assert given.splits["train"] == [(given.class_names.index(y), t)
                                      for y, t in make_rows(20)]  # file order, untouched
@@ -313,7 +315,7 @@ def test_length_grouped_batches():
     ds = torch.utils.data.TensorDataset(torch.arange(203))
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
     torch.manual_seed(5)
-    dropped = finetune.dropped_examples(loader)
+    dropped = data.dropped_examples(loader)
     seen = {int(i) for (b,) in loader for i in b}
     assert sorted(set(range(203)) - seen) == dropped and len(dropped) == 3
 
@@ -442,6 +444,24 @@ def test_evaluate_without_run_uses_the_latest(five_class_run, monkeypatch, capsy
     assert captured.out.startswith("food")
     monkeypatch.chdir(tmp_path / "runs")
     assert "no finished run under runs/" in main_error(evaluate, ["--text", "hi"])
+
+
+@pytest.mark.slow
+def test_a_run_whose_files_changed_classes_is_one_error_line(five_class_run, tmp_path):
+    """The run's training file rewritten with a class less: --all-splits reads it again and
+    says so in one line (a local name once hid the module files here: a traceback)."""
+    run = tmp_path / "run"
+    shutil.copytree(five_class_run["run"], run)
+    info = json.loads((run / "run.json").read_text())
+    train = tmp_path / "reviews.csv"
+    write_csv(train, [row for row in make_rows(40, tuple(WORDS)) if row[0] != "sport"],
+              header=("Review", "Topic"))
+    for f in info["data"]["files"].values():
+        f["path"] = str(train)
+    info["flags"]["train_file"] = str(train)
+    (run / "run.json").write_text(json.dumps(info))
+    message = main_error(evaluate, ["--run", run, "--all-splits"])
+    assert re.search(r"the run's data now has the classes \[.*\], the run was trained on", message)
 
 
 @pytest.mark.slow

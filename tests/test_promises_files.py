@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import data
 import gpt
 import shortcuts
+import tables
 
 BOM = "\ufeff"
 ROWS = [("spam", "WIN cash, now"), ("ham", "see you\nat 6"), ("ham", 'say "hi"')]
@@ -46,7 +47,7 @@ def as_jsonl(rows, eol="\n"):
 
 
 def read(path, **kw):
-    return [(r.label, r.text) for r in data.read_records(path, **kw)]
+    return [(r.label, r.text) for r in tables.read_records(path, **kw)]
 
 
 @pytest.mark.parametrize("name, first", [("d.csv", "text"), ("d.csv", "label"),
@@ -61,7 +62,7 @@ def test_a_byte_order_mark_before_the_first_column_name(tmp_path, name, first):
     path.write_bytes((BOM + (as_tsv(rows, header) if tsv else as_csv(rows, header=header))
                       ).encode("utf-8"))
     assert read(path) == rows
-    assert [r.row for r in data.read_records(path)] == [2, 3, 4]
+    assert [r.row for r in tables.read_records(path)] == [2, 3, 4]
 
 
 def test_a_byte_order_mark_before_the_first_json_line(tmp_path):
@@ -89,7 +90,7 @@ def test_a_crlf_file_trains_on_its_real_classes(tmp_path):
     rows = [("a", f"alpha {i}") for i in range(10)] + [("b", f"beta {i}") for i in range(10)]
     path = tmp_path / "d.csv"
     path.write_bytes((BOM + as_csv(rows, eol="\r\n", header=("text", "label"))).encode())
-    loaded = data.file_data(path)
+    loaded = tables.file_data(path)
     assert loaded.class_names == ["a", "b"]
     got = sorted((loaded.class_names[y], t) for part in loaded.splits.values() for y, t in part)
     assert got == sorted(rows)
@@ -117,23 +118,23 @@ def test_integer_labels_and_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "x", "label": 1}\n\n{"text": "y", "label": "0"}\n  \n'
                     '{"text": "z", "label": 10}\n', encoding="utf-8")
-    records = data.read_records(path)
+    records = tables.read_records(path)
     assert [(r.label, r.text, r.row, r.where) for r in records] == [
         ("1", "x", 1, "line"), ("0", "y", 3, "line"), ("10", "z", 5, "line")]
-    assert data.class_order([r.label for r in records]) == ["0", "1", "10"]  # numerically
+    assert tables.class_order([r.label for r in records]) == ["0", "1", "10"]  # numerically
     csv_path = tmp_path / "d.csv"
     csv_path.write_text("text,label\nx, 1\n\ny,01\n", encoding="utf-8")
-    records = data.read_records(csv_path)
+    records = tables.read_records(csv_path)
     # blank lines skipped; rows numbered as a spreadsheet shows them (the blank one is row 3)
     assert [(r.label, r.text, r.row) for r in records] == [("1", "x", 2), ("01", "y", 4)]
     # "01" is the class 1
-    assert [r.label for r in data.normalise_labels(records, csv_path)] == ["1", "1"]
+    assert [r.label for r in tables.normalise_labels(records, csv_path)] == ["1", "1"]
 
 
 def test_unlabelled_rows_for_predict_need_no_label_column(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes((BOM + "Text\r\nhello\r\n\"two\r\nlines\"\r\n").encode("utf-8"))
-    records = data.read_records(path, labelled=False)
+    records = tables.read_records(path, labelled=False)
     assert [(r.text.splitlines(), r.label, r.row) for r in records] == [
         (["hello"], None, 2), (["two", "lines"], None, 3)]
 
@@ -153,14 +154,14 @@ def test_the_stratified_split_keeps_every_class_in_every_split_when_it_can(
     can = all(n >= 1 + len(fracs) for n in counts)  # one row for train and for each split
     if not can:
         with pytest.raises(data.DataError, match="too few to put one in each of"):
-            data.stratified_split(rows, fracs, names, seed)
+            tables.stratified_split(rows, fracs, names, seed)
         return
-    splits = data.stratified_split(rows, fracs, names, seed)
+    splits = tables.stratified_split(rows, fracs, names, seed)
     assert list(splits) == ["train", *fracs]
     for name, part in splits.items():
         assert {y for y, _ in part} == set(range(len(counts))), name
     assert sorted(r for part in splits.values() for r in part) == sorted(rows)  # a partition
-    assert data.stratified_split(rows, fracs, names, seed) == splits  # seeded
+    assert tables.stratified_split(rows, fracs, names, seed) == splits  # seeded
 
 
 TINY = gpt.GPTConfig(vocab_size=100, context_length=48, emb_dim=32, n_heads=2, n_layers=2)

@@ -19,6 +19,7 @@ from torch.testing import assert_close
 
 import finetune
 import gpt
+import longrun
 import shortcuts
 
 PAD = 0  # the tiny vocabulary's pad id
@@ -356,7 +357,7 @@ def test_the_shortcuts_are_on_by_default_and_the_log_says_which(tmp_path, tiny_w
 @pytest.mark.parametrize("flag", ["--no-shortcuts", "--plain"])
 def test_no_shortcuts_and_plain_turn_them_off(tmp_path, tiny_weights, raw_path, flag):
     cfg = finetune.parse_args([flag])
-    assert not finetune.shortcuts_on(cfg)
+    assert not shortcuts.enabled(cfg)
     model = noisy_model(dtype=torch.float32)
     classifier, note = finetune.build_classifier(model, cfg, torch.device("cpu"))
     assert classifier.shortcuts is None and note is None
@@ -516,18 +517,72 @@ def test_the_prepared_blocks_are_shared_by_later_caches_and_redone_when_weights_
 
 def test_fill_ahead_stores_each_new_text_once_and_the_loop_then_only_reads():
     model = noisy_model(dtype=torch.float32)
-    trunk = shortcuts.TrunkCache(model, pad_id=PAD)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD, extend=True)
     x = padded([9, 4, 6, 9], 12)
     x[3] = x[0]  # the same text twice
     rows = [x[0], x[1][:4], x[2][:8], x[3]]  # any lengths: unpadded, padded a little
     assert trunk.fill(rows, batch_size=2) == 3
-    assert len(trunk.store) == 3 and all(len(v) == 12 for v in trunk.store.values())
+    # grouped by length (4 and 8, then 12), each group padded to its longest row
+    assert sorted(len(v) for v in trunk.store.values()) == [8, 8, 12]
     assert trunk.fill(rows) == 0  # nothing new
     with torch.no_grad():
         expected = trunk.compute(x)
         trunk.compute = None  # the loop's batches, padded to 12 or less, are all read
-        assert_close(trunk(x), expected, **F32)
-        assert_close(trunk(x[:, :10]), expected[:, :10], **F32)
+        for width in (12, 10):
+            got = trunk(x[:, :width])
+            for row, n in enumerate([9, 4, 6, 9]):  # up to each row's last real token
+                assert_close(got[row, :n], expected[row, :n], **F32)
+
+
+def test_an_entry_holds_the_same_whatever_the_loop_reads_later():
+    """Once filled, an entry is never computed again: batches padded past it (per-batch
+    padding, other neighbours) read it extended with zeros, so a resumed run, which fills
+    afresh, reads what the run never stopped read."""
+    model = noisy_model(dtype=torch.float32)
+    lengths = [3, 9, 5, 12, 7, 4, 10, 6]
+    x = padded(lengths, 12, seed=4)
+    rows = [x[i, :n] for i, n in enumerate(lengths)]
+    fresh = shortcuts.TrunkCache(model, pad_id=PAD, extend=True)
+    fresh.fill(rows, batch_size=3)
+    used = shortcuts.TrunkCache(model, pad_id=PAD, extend=True)
+    used.fill(rows, batch_size=3)
+    computed = []
+    compute = used.compute
+    used.compute = lambda ids: computed.append(ids) or compute(ids)
+    with torch.no_grad():
+        for batch in ([0, 3], [5, 1, 2], [4, 6, 7], [2, 0]):  # padded to each batch's longest
+            width = max(lengths[i] for i in batch)
+            used(x[batch, :width])
+    assert computed == []
+    assert fresh.store.keys() == used.store.keys()
+    assert all(torch.equal(fresh.store[k], used.store[k]) for k in fresh.store)
+
+
+@pytest.mark.parametrize("position", ["flexible", "first"])
+def test_an_extended_entry_gives_the_models_logits_and_gradients(position):
+    model = noisy_model(dtype=torch.float32)
+    lengths = [3, 9, 5, 12]
+    x = padded(lengths, 12, seed=5)
+    trunk = shortcuts.TrunkCache(model, pad_id=PAD, extend=True)
+    trunk.fill([x[i, :n] for i, n in enumerate(lengths)], batch_size=2)  # 2 groups: 3,5 / 9,12
+    assert sorted(len(v) for v in trunk.store.values()) == [5, 5, 12, 12]
+    weights = torch.randn(len(lengths), 3)
+    got = grads_of(model, lambda m, ids: shortcuts.classify_logits(
+        m, ids, position, pad_id=PAD, tail=True, trunk=trunk), x, weights)
+    expected = grads_of(model, lambda m, ids: gpt.classify_logits(m, ids, position,
+                                                                   pad_id=PAD), x, weights)
+    assert_close(got[0], expected[0], **F32)
+    for name in expected[1]:
+        assert_close(got[1][name], expected[1][name], **F32)
+
+
+def test_a_resume_on_other_threads_says_its_numbers_are_not_bit_for_bit():
+    now = torch.get_num_threads()
+    assert longrun.threads_note({"threads": now}) is None
+    assert longrun.threads_note({}) is None  # a checkpoint that did not record them
+    note = longrun.threads_note({"threads": now + 3})
+    assert note.startswith(f"note: the run ran on {now + 3} CPU threads and resumes on {now}")
+    assert f"OMP_NUM_THREADS={now + 3}" in note
 
 
 def test_fill_ahead_stops_at_the_cap_and_skips_without_the_causal_mask():

@@ -21,6 +21,7 @@ import pytest
 import data
 import evaluate
 import finetune
+import tables
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = 200 * 1024  # characters: over the csv module's default field limit of 128 KiB
@@ -92,14 +93,14 @@ def test_a_stray_quote_in_a_csv_is_refused_naming_the_row_and_line(tmp_path):
         elif case == "at a field's end":
             lines[10 + close] = f'a 5" screen {close},ham'  # closes right before the comma
         path = write(tmp_path / "d.csv", "text,label\n" + "\n".join(lines) + "\n")
-        message = data_error(data.read_records, path)
+        message = data_error(tables.read_records, path)
         assert re.search(r"d\.csv row 12 \(line 12\): a quote opened in this row", message), \
             (case, message)
         assert "double each quote" in message, message
     # a field that starts with a quote closed inside it
     path = write(tmp_path / "e.csv", 'text,label\n"Hello" he said,ham\nok,spam\n')
     assert re.search(r"e\.csv row 2 \(line 2\): a field starts with a quote that closes "
-                     "before the field ends", data_error(data.read_records, path))
+                     "before the field ends", data_error(tables.read_records, path))
     # finetune.py and --predict refuse it the same way: never fewer rows than the file holds
     lines = list(body)
     lines[10] = '"' + lines[10]
@@ -113,7 +114,7 @@ def test_a_stray_quote_in_a_csv_is_refused_naming_the_row_and_line(tmp_path):
 def test_quoted_fields_that_mean_it_are_read_whole(tmp_path):
     path = write(tmp_path / "d.csv", 'text,label\n"line one\nline two, and more",ham\n'
                  '"x, y",spam\n"He said ""hi""",ham\nplain,spam\n')
-    records = data.read_records(path)
+    records = tables.read_records(path)
     assert [(r.row, r.label, r.text) for r in records] == [
         (2, "ham", "line one\nline two, and more"), (3, "spam", "x, y"),
         (4, "ham", 'He said "hi"'), (5, "spam", "plain")]
@@ -124,7 +125,7 @@ def test_a_text_with_line_breaks_in_the_last_column_is_read_whole(tmp_path):
     # header's two fields and a known label, yet it is the row's own start, not a row swallowed
     path = write(tmp_path / "d.csv", 'label,text\nspam,"WIN, now"\nham,"see you\nat 6"\n'
                  'ham,"one\ntwo\nthree"\nspam,plain\n')
-    assert [(r.row, r.label, r.text) for r in data.read_records(path)] == [
+    assert [(r.row, r.label, r.text) for r in tables.read_records(path)] == [
         (2, "spam", "WIN, now"), (3, "ham", "see you\nat 6"), (4, "ham", "one\ntwo\nthree"),
         (5, "spam", "plain")]
     # while a stray quote in the label-first layout, swallowing whole rows, is still refused
@@ -133,7 +134,7 @@ def test_a_text_with_line_breaks_in_the_last_column_is_read_whole(tmp_path):
     lines[8] = 'spam,it ends" here'
     path = write(tmp_path / "e.csv", "label,text\n" + "\n".join(lines) + "\n")
     assert "e.csv row 6 (line 6): a quote opened in this row" in \
-        data_error(data.read_records, path)
+        data_error(tables.read_records, path)
 
 
 def test_a_tsv_is_one_row_per_line_with_quotes_as_characters(tmp_path):
@@ -142,13 +143,13 @@ def test_a_tsv_is_one_row_per_line_with_quotes_as_characters(tmp_path):
     lines[50] = 'a 5" screen\tham'
     lines[70] = '"quoted"\tspam'
     path = write(tmp_path / "d.tsv", "text\tlabel\n" + "\n".join(lines) + "\n")
-    records = data.read_records(path)
+    records = tables.read_records(path)
     assert len(records) == 120  # not 106: no row swallowed
     texts = {r.row: r.text for r in records}
     assert texts[12] == '"message 10' and texts[52] == 'a 5" screen' and texts[72] == '"quoted"'
     # a tab inside a text is a row of three fields, said so with a fix that works for a .tsv
     write(path, "text\tlabel\na\tb\tham\n")
-    message = data_error(data.read_records, path)
+    message = data_error(tables.read_records, path)
     assert "row 2 has 3 fields" in message and "save the file as .csv or .jsonl" in message
 
 
@@ -164,7 +165,7 @@ def test_labels_that_look_alike_are_one_class_or_refused(tmp_path):
         rows = [(y, f"text {i}") for i, y in enumerate(labels)]
         path = tmp_path / "t.jsonl"
         path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for y, t in rows))
-        return data.file_data(path, val_frac=0.25, test_frac=0)
+        return tables.file_data(path, val_frac=0.25, test_frac=0)
     # whole numbers, however written, are their integer: one class each
     got = loaded(["1", "1.0", "01", "+1", "0", "0.0", "00", "-0"] * 2)
     assert got.class_names == ["0", "1"]
@@ -181,11 +182,11 @@ def test_a_validation_label_written_another_way_is_its_class(tmp_path):
     train = write(tmp_path / "train.csv", "text,label\n" + "".join(
         f"t{i},{i % 2}\n" for i in range(8)))
     val = write(tmp_path / "val.csv", "text,label\nv1,1.0\nv2,00\n")
-    got = data.file_data(train, val)
+    got = tables.file_data(train, val)
     assert got.splits["validation"] == [(1, "v1"), (0, "v2")]
     write(val, "text,label\nv1,Spam\n")
     text_train = write(tmp_path / "tt.csv", "text,label\na,spam\nb,ham\n")
-    message = data_error(data.file_data, text_train, val)
+    message = data_error(tables.file_data, text_train, val)
     assert "the label 'Spam' is not a class" in message and "written 'spam'" in message
 
 
@@ -196,7 +197,7 @@ def test_fields_over_128_kib_are_read_in_every_format(tmp_path):
     write(tmp_path / "d.csv", f'text,label\n"{long}",a\nshort,b\n')
     write(tmp_path / "d.tsv", f"text\tlabel\n{long}\ta\nshort\tb\n")
     for name in ("d.csv", "d.tsv"):
-        records = data.read_records(tmp_path / name)
+        records = tables.read_records(tmp_path / name)
         assert [r.text for r in records] == [long, "short"], name
 
 
@@ -347,17 +348,17 @@ def test_huge_class_weights_are_blamed_not_the_learning_rate(tmp_path, tiny_weig
 
 def test_split_advice_and_note_fit_what_was_asked(tmp_path):
     one_row = write(tmp_path / "t.csv", "text,label\n" + "a,x\n" * 20 + "b,y\n")
-    message = data_error(data.file_data, one_row, test_frac=0)
+    message = data_error(tables.file_data, one_row, test_frac=0)
     assert "class 'y' has 1 row" in message and "--test-frac 0" not in message
     assert "--val-file" in message
     many = write(tmp_path / "m.csv", "text,label\n" + "".join(
         f"t{i},c{i // 3}\n" for i in range(600)))  # 200 classes of 3 rows
-    got = data.file_data(many)
+    got = tables.file_data(many)
     assert [len(s) for s in got.splits.values()] == [200, 200, 200]
     note = got.notes[0]
     assert "validation 0.33 (200 rows: 0.1 asked, but each class's share is whole rows, at " \
         "least one)" in note and "test 0.33 (200 rows: 0.2 asked" in note
-    plain = data.file_data(write(tmp_path / "p.csv", "text,label\n" + "".join(
+    plain = tables.file_data(write(tmp_path / "p.csv", "text,label\n" + "".join(
         f"t{i},c{i % 2}\n" for i in range(100))))
     assert plain.notes[0].endswith(": validation 0.1, test 0.2, train the rest")
 
