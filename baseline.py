@@ -20,8 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import decisions
-
 WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token_pattern
 MAX_FEATURES = 50_000  # the most frequent words kept (by how many training texts hold them)
 C = 1.0  # inverse regularisation strength, as scikit-learn's LogisticRegression's default
@@ -142,20 +140,20 @@ def predict(x, w, b):
     return (x @ w + b).argmax(axis=1).tolist()
 
 
-def run(splits, class_names, evaluate_on=None):
-    """The baseline trained on splits["train"] ((label id, text) rows) and scored on the
-    splits named in `evaluate_on` (default: the others). Returns {"model", "features",
-    "seconds", "splits": {name: decisions.class_scores}}: what metrics.json records."""
+def run(splits, class_names, score):
+    """The baseline trained on splits["train"] ((label id, text) rows) and scored on each other
+    split by `score` (labels, predicted, class_names) -> dict (decisions.class_scores). Returns
+    {"model", "features", "seconds", "splits": {name: scores}}: what metrics.json records."""
     start = time.perf_counter()
     train = splits["train"]
     texts, labels = [t for _, t in train], [y for y, _ in train]
     vocab, idf = fit_tfidf(texts)
     w, b = fit_logistic(tfidf(texts, vocab, idf), labels, len(class_names))
     scores = {}
-    for name in evaluate_on or [n for n in splits if n != "train"]:
-        rows = splits[name]
-        predicted = predict(tfidf([t for _, t in rows], vocab, idf), w, b) if rows else []
-        scores[name] = decisions.class_scores([y for y, _ in rows], predicted, class_names)
+    for name, rows in splits.items():
+        if name != "train":
+            predicted = predict(tfidf([t for _, t in rows], vocab, idf), w, b) if rows else []
+            scores[name] = score([y for y, _ in rows], predicted, class_names)
     return {"model": NAME, "features": len(vocab), "seconds": time.perf_counter() - start,
             "splits": scores}
 

@@ -180,3 +180,9 @@ def check_datasets(splits, datasets, class_names, conflicts=()):
                    max_length=next(iter(datasets.values())).max_length)
     report["files"] = [c for c in conflicts if c["texts"]]
     return report
+
+
+def full_report(labelled, datasets):
+    """--check-data's text: check_datasets of a run's data.LabelledData and datasets, whole."""
+    return "\n".join(report_lines(check_datasets(labelled.splits, datasets,
+                                                  labelled.class_names, labelled.conflicts)))

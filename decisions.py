@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+import baseline
 import data
 import files
 
@@ -480,7 +481,45 @@ def decide(probs, class_names, decision):
     return max((c for c in class_names if c != positive), key=probs.get)
 
 
+def at_threshold(logits, labels, class_names, decision, temperature=1.0):
+    """The positive class's rates on one split at the decision's threshold and at argmax:
+    {"threshold": rates, "argmax": rates}."""
+    k = class_names.index(decision["positive_class"])
+    logits, is_pos = np.asarray(logits), np.asarray(labels) == k
+    return {"threshold": rates(probabilities(logits, temperature)[:, k], is_pos,
+                               decision["threshold"]),
+            "argmax": rates((logits.argmax(axis=1) == k).astype(np.float64), is_pos, 0.5)}
+
+
+def explain(info):
+    """What a run's probabilities and decisions are, in one line for stderr (None for a run
+    with neither a temperature nor a threshold: its softmax and argmax, as ever)."""
+    cal, decision = info.get("calibration"), info.get("decision")
+    parts = []
+    if cal:
+        parts.append(f"probabilities calibrated by the run's temperature "
+                     f"{cal['temperature']:.3f} (fitted on its validation split)")
+    if decision:
+        parts.append(f"decisions: {decision['positive_class']} where its probability is at or "
+                     f"above the threshold {decision['threshold']:.4f} (--target "
+                     f"{decision['target']}), else the likeliest other class")
+    return ("; ".join(parts)).capitalize() if parts else None
+
+
 # ---------------------------------------------------------------------------- printed summaries
+
+def threshold_table(per_split, decision):
+    """Lines: each split's rates at the threshold beside argmax's (`per_split`: {split:
+    at_threshold})."""
+    width = max(12, *(len(n) + 2 for n in per_split))
+    lines = [f"At the decision threshold ({decision['positive_class']} at or above "
+             f"{decision['threshold']:.4f}, --target {decision['target']}), beside argmax:"]
+    for name, r in per_split.items():
+        for rule in ("argmax", "threshold"):
+            lines.append(f"{name if rule == 'argmax' else '':<{width}} {rule:<10} "
+                         f"{_shown(r[rule])}")
+    return lines
+
 
 SCORE_COLUMNS = (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("mcc", "MCC"),
                  ("balanced_accuracy", "bal. acc."), ("log_loss", "log loss"), ("ece", "ECE"))
@@ -501,32 +540,38 @@ def score_table(scores, calibrated):
 
 # ---------------------------------------------------------------------------- after training
 
-def check_target(target, positive, class_names, val_labels):
+def check_target(target, positive, class_names, val_labels, warn=print):
     """--target and --positive-class against the run's classes and validation split, before
-    anything is trained: (the positive class's index or None, a warning line or None).
-    ValueError where they cannot work."""
+    anything is trained: the positive class's index (None without a target); a warning where
+    the split has few examples for it goes to `warn`. ValueError where they cannot work."""
     if target is None:
         if positive is not None:
             positive_index(class_names, positive)  # a wrong name is refused all the same
-        return None, None
+        return None
     metric, _ = parse_target(target)
     k = positive_index(class_names, positive, target)
-    return k, check_support(val_labels, k, metric)
+    warning = check_support(val_labels, k, metric)
+    if warning:
+        warn(warning)
+    return k
 
 
-def assess(classifier, datasets, class_names, device, target=None, positive=None,
-           leave_out=None):
-    """After training, on each split of `datasets` (data.TextDatasets): the logits, the
-    temperature fitted on the validation split, the scores beyond accuracy under it, and with
-    `target` the operating point for the positive class (index `positive`). `leave_out`:
-    {split: indices} to leave out (the training examples the chapter's final pass drops).
+def assess(classifier, datasets, class_names, device, target=None, positive=None, names=None,
+           leave_out=None, baseline_splits=None):
+    """After training, on the splits of `datasets` (data.TextDatasets) in `names` (default:
+    all) and the validation split: the logits, the temperature fitted on the validation split,
+    the scores beyond accuracy under it, with `target` the operating point for the positive
+    class (index `positive`), and given `baseline_splits` (the run's rows) the baseline beside
+    the model. `leave_out`: {split: indices} to leave out (the training examples the chapter's
+    final pass drops). Draws no random number.
 
     Returns (record, lines): record = {"calibration" (None without a validation split),
     "decision" (None without a target, or where it cannot be met), "scores": {split: ...},
-    "logits": {split: (logits, labels)}}; lines for the log."""
+    "logits": {split: (logits, labels)}, and "baseline" where it ran}; lines for the log."""
     leave_out = leave_out or {}
     logits = {name: split_logits(classifier, ds, device, leave_out=leave_out.get(name, ()))
-              for name, ds in datasets.items()}
+              for name, ds in datasets.items()
+              if names is None or name in names or name == "validation"}
     val = logits.get("validation")
     cal = calibration(*val) if val is not None and len(val[1]) else None
     t = cal["temperature"] if cal else 1.0
@@ -544,4 +589,33 @@ def assess(classifier, datasets, class_names, device, target=None, positive=None
         decision, more = operating_point(target, positive, class_names, *val, t,
                                          logits.get("test"))
         lines += more
-    return {"calibration": cal, "decision": decision, "scores": scores, "logits": logits}, lines
+    record = {"calibration": cal, "decision": decision, "scores": scores, "logits": logits}
+    if baseline_splits is not None:  # a word TF-IDF on the same split: what does GPT-2 add?
+        record["baseline"] = result = baseline.run(baseline_splits, class_names, class_scores)
+        split = "test" if "test" in logits and "test" in result["splits"] else "validation"
+        z, y = logits[split]
+        lines.append(baseline.comparison_line(result, class_scores(
+            y.tolist(), z.argmax(axis=1).tolist(), class_names), split))
+    return record, lines
+
+
+def measured(record):
+    """What metrics.json keeps of assess's record: the scores, and the baseline's."""
+    return {k: record[k] for k in ("scores", "baseline") if k in record}
+
+
+def decided(record):
+    """What run.json keeps of assess's record: the calibration and the decision, where made
+    (evaluate.py and the server read them)."""
+    return {k: record[k] for k in ("calibration", "decision") if record.get(k)}
+
+
+def write_files(record, report, out_dir):
+    """The run folder's data-check.json (the data check's `report`) and, where a temperature
+    was fitted, its reliability diagram. Returns the names of the files written."""
+    files.write_json(Path(out_dir) / "data-check.json", report)
+    cal = record["calibration"]
+    if not cal:
+        return ["data-check.json"]
+    return ["data-check.json", *plot_reliability(*record["logits"]["validation"],
+                                                 cal["temperature"], out_dir)]

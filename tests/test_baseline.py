@@ -10,6 +10,7 @@ import torch
 
 import baseline
 import data
+from decisions import class_scores
 
 TEXTS = ["Free cash prize, call now!", "see you at home later", "WIN a free prize now now",
          "ok lol see you", "call me when you get this", "urgent: claim your cash award",
@@ -54,8 +55,8 @@ def test_logistic_regression_matches_scikit_learn():
 def test_deterministic_and_draws_no_random_number():
     splits = {"train": list(zip(LABELS, TEXTS)), "test": list(zip(LABELS, TEXTS))}
     state = torch.get_rng_state()
-    a = baseline.run(splits, ["ham", "spam"])
-    b = baseline.run(splits, ["ham", "spam"])
+    a = baseline.run(splits, ["ham", "spam"], class_scores)
+    b = baseline.run(splits, ["ham", "spam"], class_scores)
     assert torch.equal(torch.get_rng_state(), state)
     assert a["splits"] == b["splits"] and a["splits"]["test"]["accuracy"] == 1.0
     line = baseline.comparison_line(a, a["splits"]["test"])
@@ -65,7 +66,7 @@ def test_deterministic_and_draws_no_random_number():
 def test_under_5_seconds_on_the_chapters_split(raw_path):
     splits = data.sms_data(raw_path).splits
     start = time.perf_counter()
-    result = baseline.run(splits, list(data.CLASS_NAMES))
+    result = baseline.run(splits, list(data.CLASS_NAMES), class_scores)
     assert time.perf_counter() - start < 5
     # the figures docs/decisions.md gives: about as good as the fine-tuned GPT-2 (95.67%)
     assert result["splits"]["test"]["accuracy"] == pytest.approx(0.9733, abs=1e-4)

@@ -6,6 +6,7 @@ import pytest
 
 import data
 import datacheck
+import tables
 from reference import CHAPTER_LINE
 
 NAMES = ["ham", "spam"]
@@ -71,7 +72,7 @@ def test_own_file_duplicates_and_conflicts_by_row(tmp_path):
     f = write(tmp_path / "own.csv", [
         ("good film", "pos"), ("bad film", "neg"), ("Good  film", "pos"), ("GOOD FILM", "neg"),
         ("fine", "pos"), ("bad film", "neg")])
-    records = data.read_records(f)
+    records = tables.read_records(f)
     c = datacheck.record_conflicts(records, f)
     assert c["texts"] == 1
     assert c["examples"][0]["labels"] == {"pos": [2, 4], "neg": [5]}  # spreadsheet rows

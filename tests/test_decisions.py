@@ -304,13 +304,15 @@ def test_assess_after_training_draws_nothing_and_keeps_argmax():
     classifier = gpt.Classifier(model.eval())
     tok = data.get_tokenizer()
     rows = [(i % 2, f"{'win cash' if i % 2 else 'see you'} {i}") for i in range(90)]
+    rows_of = {"train": rows[:50], "validation": rows[50:70], "test": rows[70:]}.items()
     train = data.TextDataset(rows[:50], tok)
     datasets = {"train": train,
                 "validation": data.TextDataset(rows[50:70], tok, train.max_length),
                 "test": data.TextDataset(rows[70:], tok, train.max_length)}
     state = torch.get_rng_state()
     record, lines = decisions.assess(classifier, datasets, ["ham", "spam"], torch.device("cpu"),
-                                     "recall=0.5", 1, leave_out={"train": [0, 1, 2]})
+                                     "recall=0.5", 1, leave_out={"train": [0, 1, 2]},
+                                     baseline_splits={n: ds_rows for n, ds_rows in rows_of})
     assert torch.equal(torch.get_rng_state(), state)
     assert set(record["scores"]) == {"train", "validation", "test"}
     assert record["scores"]["train"]["examples"] == 47
@@ -319,12 +321,21 @@ def test_assess_after_training_draws_nothing_and_keeps_argmax():
     assert record["decision"]["validation"]["recall"] >= 0.5
     assert "test" in record["decision"]
     assert lines[0].startswith("Calibration: temperature")
+    assert lines[-1].startswith("Baseline (word TF-IDF + logistic regression")
+    assert record["baseline"]["splits"]["test"]["examples"] == 20
     assert not any(CHAPTER_LINE.match(line) for line in lines)
+    assert set(decisions.measured(record)) == {"scores", "baseline"}
+    assert set(decisions.decided(record)) == {"calibration", "decision"}
 
 
 def test_check_target_before_training():
-    assert decisions.check_target(None, None, ["a", "b"], [0, 1]) == (None, None)
-    assert decisions.check_target("precision=0.9", None, ["a", "b"], [0, 1] * 30) == (1, None)
+    warned = []
+    assert decisions.check_target(None, None, ["a", "b"], [0, 1], warned.append) is None
+    assert decisions.check_target("precision=0.9", None, ["a", "b"], [0, 1] * 30,
+                                  warned.append) == 1
+    assert warned == []
+    assert decisions.check_target("recall=0.9", "A", ["a", "b"], [0, 1] * 5, warned.append) == 0
+    assert len(warned) == 1 and warned[0].startswith("warning: the validation split has only 5")
     with pytest.raises(ValueError, match="--positive-class NAME"):
         decisions.check_target("precision=0.9", None, ["a", "b", "c"], [0, 1, 2])
     with pytest.raises(ValueError, match="not a class of the run"):
