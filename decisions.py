@@ -346,7 +346,7 @@ def positive_index(class_names, positive=None, target=None):
     return 1
 
 
-def check_support(labels, positive, metric, split="validation"):
+def check_support(labels, positive, metric, split="validation", target=None):
     """Whether the split can choose a threshold: ValueError where it has no positive (for fpr:
     no negative); a warning line where the rate rests on fewer than MIN_SUPPORT examples, else
     None."""
@@ -354,7 +354,7 @@ def check_support(labels, positive, metric, split="validation"):
     n_pos, n_neg = int((labels == positive).sum()), int((labels != positive).sum())
     kind, n = ("negative", n_neg) if metric == "fpr" else ("positive", n_pos)
     if n_pos == 0 or n == 0:
-        raise ValueError(f"--target {metric}=...: the {split} split has {n} {kind} example"
+        raise ValueError(f"--target {target or metric}: the {split} split has {n} {kind} example"
                          f"{'s' * (n != 1)}, so no threshold can be chosen on it; give a "
                          "validation split with both kinds (--val-file, or a larger --val-frac)")
     if n < MIN_SUPPORT:
@@ -550,7 +550,7 @@ def check_target(target, positive, class_names, val_labels, warn=print):
         return None
     metric, _ = parse_target(target)
     k = positive_index(class_names, positive, target)
-    warning = check_support(val_labels, k, metric)
+    warning = check_support(val_labels, k, metric, target=target)
     if warning:
         warn(warning)
     return k

@@ -196,3 +196,17 @@ def test_a_target_on_three_classes_needs_the_positive_class(tmp_path):
         finetune.main(["--train-file", str(f), "--weights", "random", "--target", "recall=0.9",
                        "--positive-class", "w", "--output-dir", str(tmp_path / "never")])
     assert "not a class of the run; give one of x, y, z" in str(e.value)
+
+
+def test_few_or_no_positives_in_validation(target_run, tmp_path):
+    _, log = target_run  # the small file's validation split holds 12 spam
+    assert "warning: the validation split has only 12 positive examples" in log
+    train_rows = [(f"text {i}", "ab"[i % 2]) for i in range(40)]
+    f = own_file(tmp_path / "train.csv", train_rows)
+    v = own_file(tmp_path / "val.csv", [(f"other {i}", "a") for i in range(5)])
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--train-file", str(f), "--val-file", str(v), "--weights", "random",
+                       "--target", "precision=0.9", "--output-dir", str(tmp_path / "never")])
+    assert str(e.value).startswith("error: --target precision=0.9: the validation split has 0 "
+                                   "positive examples")
+    assert not (tmp_path / "never").exists()
