@@ -503,7 +503,8 @@ def explain(info):
         parts.append(f"decisions: {decision['positive_class']} where its probability is at or "
                      f"above the threshold {decision['threshold']:.4f} (--target "
                      f"{decision['target']}), else the likeliest other class")
-    return ("; ".join(parts)).capitalize() if parts else None
+    line = "; ".join(parts)
+    return line[:1].upper() + line[1:] if parts else None
 
 
 # ---------------------------------------------------------------------------- printed summaries

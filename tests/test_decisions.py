@@ -342,3 +342,11 @@ def test_check_target_before_training():
         decisions.check_target(None, "d", ["a", "b", "c"], [0, 1, 2])
     with pytest.raises(ValueError, match="has 0 positive"):
         decisions.check_target("recall=0.9", "c", ["a", "b", "c"], [0, 1, 1])
+
+
+def test_explain_says_what_a_run_gives():
+    assert decisions.explain({}) is None
+    line = decisions.explain({"calibration": {"temperature": 1.5}, "decision": {
+        "positive_class": "Spam", "threshold": 0.8, "target": "precision=0.99"}})
+    assert line.startswith("Probabilities calibrated by the run's temperature 1.500") and \
+        "decisions: Spam where its probability is at or above the threshold 0.8000" in line
