@@ -159,9 +159,10 @@ def run(splits, class_names, score):
 
 
 def comparison_line(result, model_scores, split="test"):
-    """The log's line: the baseline's accuracy and macro-F1 on `split` beside the model's."""
+    """The log's line: the baseline's accuracy and macro-F1 on `split` beside the model's (no
+    time in it, so that two equal runs print the same log; metrics.json keeps the time)."""
     b, m = result["splits"][split], model_scores
-    return (f"Baseline ({NAME}, {result['features']:,} words, {result['seconds']:.1f} s) on "
+    return (f"Baseline ({NAME} on the same training split, {result['features']:,} words) on "
             f"the {split} split: accuracy {b['accuracy']*100:.2f}%, macro-F1 "
             f"{b['macro_f1']:.4f}; the fine-tuned model: accuracy {m['accuracy']*100:.2f}%, "
             f"macro-F1 {m['macro_f1']:.4f}")

@@ -523,20 +523,18 @@ def threshold_table(per_split, decision):
 
 
 SCORE_COLUMNS = (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("mcc", "MCC"),
-                 ("balanced_accuracy", "bal. acc."), ("log_loss", "log loss"), ("ece", "ECE"))
+                 ("balanced_accuracy", "balanced accuracy"), ("log_loss", "log loss"),
+                 ("ece", f"ECE ({N_BINS} bins)"))
 
 
 def score_table(scores, calibrated):
-    """Lines: the probability scores of each split, one row per split."""
-    width = max(12, *(len(n) + 2 for n in scores))
-    head = "".join(f" {title:>10}" for _, title in SCORE_COLUMNS)
-    lines = [f"Scores beyond accuracy ({'calibrated' if calibrated else 'uncalibrated'} "
-             f"probabilities; ECE over {N_BINS} bins):", f"{'split':<{width}}{head}"]
-    for name, s in scores.items():
-        lines.append(f"{name:<{width}}" + "".join(
-            f" {'n/a' if s[key] is None else format(s[key], '.4f'):>10}"
-            for key, _ in SCORE_COLUMNS))
-    return lines
+    """Lines: the probability scores of each split, one line per split. (Each names the log
+    loss: like the chapter's losses, its figures may differ in the last digit between runs
+    computed with other kernels.)"""
+    kind = "calibrated" if calibrated else "uncalibrated"
+    return [f"Scores on {name} ({kind} probabilities): " + ", ".join(
+        f"{title} {'n/a' if s[key] is None else format(s[key], '.4f')}"
+        for key, title in SCORE_COLUMNS) for name, s in scores.items()]
 
 
 # ---------------------------------------------------------------------------- after training

@@ -60,7 +60,7 @@ def test_deterministic_and_draws_no_random_number():
     assert torch.equal(torch.get_rng_state(), state)
     assert a["splits"] == b["splits"] and a["splits"]["test"]["accuracy"] == 1.0
     line = baseline.comparison_line(a, a["splits"]["test"])
-    assert line.startswith("Baseline (word TF-IDF + logistic regression, ")
+    assert line.startswith("Baseline (word TF-IDF + logistic regression on the same training ")
 
 
 def test_under_5_seconds_on_the_chapters_split(raw_path):

@@ -43,7 +43,8 @@ def test_a_run_shows_the_data_check_calibration_scores_and_baseline(target_run):
     lines = log.splitlines()
     assert any(line.startswith("Data check: ") for line in lines)
     assert any(line.startswith("Calibration: temperature ") for line in lines)
-    assert any(line.startswith("Scores beyond accuracy (calibrated") for line in lines)
+    assert any(line.startswith("Scores on test (calibrated probabilities): ROC-AUC ")
+               for line in lines)
     assert any(line.startswith("Baseline (word TF-IDF + logistic regression") for line in lines)
     assert any(line.startswith("Decision threshold for --target recall=0.9 on spam") for line in
                lines)
@@ -91,7 +92,7 @@ def test_evaluate_all_splits_shows_the_scores_threshold_and_baseline(target_run)
     # the same accuracies as the run printed: the temperature changes no argmax
     assert [x for x in printed.splitlines() if CHAPTER_LINE.match(x)] == \
         [x for x in log.splitlines() if CHAPTER_LINE.match(x)][-3:]
-    assert "Scores beyond accuracy (calibrated" in printed
+    assert "Scores on test (calibrated probabilities): ROC-AUC " in printed
     assert "At the decision threshold" in printed
     assert "Baseline (word TF-IDF + logistic regression" in printed
     info = json.loads((out / "run.json").read_text())
