@@ -34,8 +34,8 @@ import gpt
 import longrun
 import shortcuts
 import tables
-from config import (FINAL_TRAIN_ROWS, TrainConfig, check_config, class_weight_values,
-                    data_choices, parse_args)
+from config import (FINAL_TRAIN_ROWS, TrainConfig, check_config, check_types,
+                    class_weight_values, data_choices, parse_args)
 
 __all__ = ["TrainConfig", "parse_args", "run", "main", "train_classifier_simple"]
 
@@ -530,6 +530,7 @@ def run(cfg, given=None):
     `cfg.resume` set, goes on with that unfinished run from its checkpoint, with its own flags
     (`given`: the fields the command line set, which must not change them; see
     resume_config)."""
+    check_types(cfg)  # a field set after the TrainConfig was made: checked before all else
     cfg, resume = longrun.start(cfg, given)  # a Fresh start unless --resume
     check_config(cfg)
     position, ctx = data_choices(cfg)
