@@ -479,12 +479,16 @@ def final_splits(cfg, datasets):
         why = (f"the training split's {len(datasets['train']):,} rows are over "
                f"{FINAL_TRAIN_ROWS:,}; --final-splits all scores it too")
     else:
+        missing = [] if spec == "all" else [n for n in spec.split(",") if n not in have]
+        if missing:
+            raise ValueError(f"--final-splits {spec} names {' and '.join(missing)}, which this "
+                             f"run does not have (its splits: {', '.join(have)}); name only "
+                             "those, or pass all")
         names = have if spec == "all" else [n for n in have if n in spec.split(",")]
         why = "--final-splits"
         if names == have:
             return have, None
-    shown = " and ".join(names) or "none"
-    return names, f"The final pass scores {shown} only ({why})"
+    return names, f"The final pass scores {' and '.join(names)} only ({why})"
 
 
 def final_accuracies(classifier, loaders, device):
@@ -562,6 +566,7 @@ def run(cfg, given=None):
         model, base = load_model(cfg)
         resume.check_fits(model, base, labelled.source)
         datasets, pad = make_datasets(cfg, splits, model.cfg.context_length, ctx)  # 3
+        final_names, said = final_splits(cfg, datasets)  # (refused now, not after training)
         torch.manual_seed(cfg.seed)  # 4: the loaders (the chapter's order; they draw later)
         loaders = make_loaders(cfg, datasets, class_names, device)
         torch.manual_seed(cfg.seed)  # 5: freeze, new head (drawn here), unfreeze
@@ -630,10 +635,9 @@ def run(cfg, given=None):
         # 6. The training loader shuffles and drops its last partial batch, so this pass leaves
         # out a few examples (5 of 1,045); run.json names them so evaluate.py leaves out the same.
         dropped = data.dropped_examples(loaders["train"])
-        names, said = final_splits(cfg, datasets)
         if said:
             print(said)
-        final = final_accuracies(classifier, {n: loaders[n] for n in names}, device)
+        final = final_accuracies(classifier, {n: loaders[n] for n in final_names}, device)
         if not ddp.is_main():
             return None  # rank 0 writes the run folder
         run_info = {

@@ -12,6 +12,7 @@ start, whose steps do nothing. See docs/long-runs.md.
 
 import random
 from dataclasses import asdict, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -194,6 +195,16 @@ def read_checkpoint(path):
     return ckpt
 
 
+def same_folder(a, b):
+    """Whether two paths name one run folder (its .unfinished form, where an --overwrite run
+    builds it, counting as the folder)."""
+    def run_folder(p):
+        p = Path(p).resolve()
+        return p.with_name(p.name[:-len(".unfinished")]) if p.name.endswith(".unfinished") \
+            else p
+    return run_folder(a) == run_folder(b)
+
+
 def resume_config(cfg, given=None):
     """--resume: (the run's own TrainConfig, (out, replace, work, checkpoint)). `given` names
     the fields the command line set (default: those that differ from the defaults); each must
@@ -202,6 +213,10 @@ def resume_config(cfg, given=None):
     if not folder:
         raise ValueError("--resume needs the run folder: --resume DIR, or --output-dir DIR "
                          "--resume")
+    if cfg.resume and cfg.output_dir and not same_folder(cfg.resume, cfg.output_dir):
+        raise ValueError(f"--resume {cfg.resume} goes on in that run's own folder, but "
+                         f"--output-dir {cfg.output_dir} names another; a resumed run stays "
+                         "where it began: drop --output-dir")
     out, replace_, work = files.plan_resume(folder)
     path = work / files.CHECKPOINT
     ckpt = read_checkpoint(path)

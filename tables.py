@@ -417,6 +417,17 @@ def parse_label_names(spec):
     return names
 
 
+def check_labels_not_names(fixed, spec, labels, source):
+    """Refuse --labels that lists the names --label-names gives instead of the labels the file
+    writes, saying the --labels that was meant."""
+    by_name = {name: label for label, name in parse_label_names(spec).items()}
+    if any(x not in labels and x in by_name for x in fixed):
+        meant = ",".join(x if x in labels else by_name.get(x, x) for x in fixed)
+        raise DataError(f"--labels {','.join(fixed)} lists the names --label-names gives, but "
+                        f"--labels lists the labels as {source} writes them; pass --labels "
+                        f"{meant}")
+
+
 def name_classes(class_names, spec, source):
     """The class names with --label-names `spec` applied (each label it names shows as its
     name), checked: every label it names is a class of `source`, and no two classes share a
@@ -523,15 +534,20 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
                         "train on; make their sum less than 1")
     kw = dict(fmt=fmt, text_column=text_column, label_column=label_column)
     train = normalise_labels(read_records(train_file, **kw), train_file)
+    scored = ("a file of texts without labels is not for training: classify it after training "
+              "with python evaluate.py --run DIR --predict FILE --output OUT; if its labels are "
+              "in another column, pass --label-column NAME")
     fixed = None if labels is None else [clean_label(x) for x in labels.split(",")]
     if fixed is not None and all(_is_int(r.label) for r in train):
         fixed = [_whole(x) or x for x in fixed]
+    if fixed is not None and label_names:
+        check_labels_not_names(fixed, label_names, {r.label for r in train}, train_file)
     class_names = class_order([r.label for r in train], fixed)
     ids = {name: i for i, name in enumerate(class_names)}
     given = {"train": (train_file, train)}
     for name, path in (("validation", val_file), ("test", test_file)):
         if path is not None:
-            given[name] = (path, read_records(path, **kw))
+            given[name] = (path, read_records(path, **kw, label_fix=scored))
     splits = {}
     for name, (path, records) in given.items():
         for r in records:
