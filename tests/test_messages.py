@@ -486,8 +486,8 @@ def test_final_splits_naming_a_split_the_run_lacks_is_one_error_line(tmp_path, t
     line = main_error(["--weights", tiny_weights, "--train-file", train, "--val-file", val,
                        "--output-dir", tmp_path / "run", "--device", "cpu", "--final-splits",
                        "test", "--no-initial-eval", "--max-steps", "1"])
-    assert line.startswith("error: --final-splits test names test, which this run does not have (its "
-                    "splits: train, validation); name only those, or pass all")
+    assert line.startswith("error: --final-splits test names test, which this run does not have "
+                           "(its splits: train, validation); name only those, or pass all")
     assert not (tmp_path / "run").exists()  # refused before training, not after
 
 
