@@ -16,11 +16,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import data
 import evaluate
 import finetune
 import gpt
+import serve
+import tables
 
 
 def sms_lines(n_ham=100, n_spam=40):
@@ -497,9 +500,8 @@ def test_labels_given_as_label_names_say_the_labels_meant(tmp_path, tiny_weights
                        "0=ham,1=spam", "--labels", "spam,ham", "--output-dir", tmp_path / "run",
                        "--device", "cpu"])
     assert line.startswith(f"error: --labels spam,ham lists the names --label-names gives, but "
-                    f"--labels lists the labels as {train} writes them; pass --labels 1,0")
-    from tables import file_data  # the fix it names works
-    assert file_data(train, labels="1,0", label_names="0=ham,1=spam").class_names == \
+                           f"--labels lists the labels as {train} writes them; pass --labels 1,0")
+    assert tables.file_data(train, labels="1,0", label_names="0=ham,1=spam").class_names == \
         ["spam", "ham"]
 
 
@@ -516,11 +518,9 @@ def test_a_test_file_without_labels_points_to_predict(tmp_path, tiny_weights):
 
 
 def test_end_of_text_inside_a_served_text_is_classified_as_text():
-    import serve
     tokenizer = data.get_tokenizer()
     text = "a special <|endoftext|> token"
     assert data.PAD_ID not in data.encode(text, tokenizer, pad=False)  # ordinary tokens
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1)
     model = gpt.add_classification_head(gpt.GPTModel(cfg), 2)
