@@ -167,10 +167,14 @@ def predict_proba(texts, classifier, info, device, tokenizer=None, batch_size=No
     """Class probabilities of each text: a list of {class name: probability}, in class order.
 
     Texts are encoded, cut and padded as in training (the run's max_length and padding). This is
-    the one classifying function: --text, --stdin, --predict and serving all call it."""
-    texts = list(texts)
+    the one classifying function: --text, --stdin, --predict and serving all call it. A single
+    string is one text (a list of one comes back), never a list of its characters."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
     for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise ValueError(f"text {i + 1} is {type(text).__name__} {text!r}, not a string; "
+                             "give a list of texts")
+        if not text.strip():
             raise ValueError(f"text {i + 1} is empty; give a text to classify")
     tokenizer = tokenizer or data.get_tokenizer()
     names, out = info["class_names"], []
