@@ -22,9 +22,10 @@ ALLOWED = {
     "ddp": set(), "files": {"ddp"}, "data": {"files"}, "gpt": {"data", "files"},
     "shortcuts": {"gpt", "ddp", "files"},
     "finetune": {"data", "ddp", "files", "gpt", "shortcuts"},
-    "evaluate": {"data", "ddp", "files", "gpt", "shortcuts", "finetune", "serve"},
+    "evaluate": {"data", "ddp", "files", "gpt", "shortcuts", "finetune", "serve", "export"},
     "serve": {"data", "ddp", "files", "gpt", "shortcuts", "evaluate"},
     "experiments": {"data", "files", "finetune", "gpt"},
+    "export": {"data", "files", "gpt"},
 }
 
 
