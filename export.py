@@ -321,7 +321,8 @@ def model_card(run_dir, info, metrics, rule, tokenizer_kwargs, temp, precision_n
         "tags:", "- gpt2", "- text-classification", "- gpt2-classify", "---", "",
         f"# A GPT-2 text classifier: {', '.join(names)}", "",
         f"Fine-tuned by gpt2-classify (`finetune.py`, chapter 6 of *Build a Large Language Model "
-        f"(From Scratch)*) from {flags.get('weights') or 'GPT-2'}; exported from the run folder "
+        f"(From Scratch)*) from the weights `{flags.get('weights') or 'small'}`; exported from "
+        f"the run folder "
         f"`{Path(run_dir).resolve()}` (run id `{info.get('run_id')}`) by `python evaluate.py "
         "--export hf`.", "",
         "## Task and labels", "",
@@ -374,15 +375,16 @@ def model_card(run_dir, info, metrics, rule, tokenizer_kwargs, temp, precision_n
         lines += [f"Kept epoch: {json.dumps(info['best_epoch'])}.", ""]
     shown = {k: v for k, v in flags.items() if v not in (None, False)}
     minutes = metrics.get("train_minutes")
+    took = f"{minutes:.2f} minutes" if isinstance(minutes, (int, float)) else "an unrecorded time"
+    device = metrics.get("device", "an unrecorded device") + (
+        f" ({metrics['device_name']})" if metrics.get("device_name") else "")
     lines += ["## Training", "",
-              f"Trained for {minutes:.2f} minutes" if isinstance(minutes, (int, float)) else
-              "Training time not recorded",
-              f" on {metrics.get('device', 'an unrecorded device')}"
-              f"{' (' + metrics['device_name'] + ')' if metrics.get('device_name') else ''}, "
-              f"{metrics.get('processes', 1)} process(es), torch {metrics.get('torch', '?')}, "
-              f"precision {info.get('precision', 'fp32')}. {precision_note}", "",
-              "| flag | value |", "|---|---|",
-              card_table((f"`--{k.replace('_', '-')}`", f"`{v}`") for k, v in shown.items()), "",
+              f"Trained for {took} on {device}, {metrics.get('processes', 1)} process(es), "
+              f"torch {metrics.get('torch', '?')}, precision {info.get('precision', 'fp32')}. "
+              f"{precision_note}", "",
+              "The run's settings (finetune.py's flags, as `TrainConfig` fields):", "",
+              "| setting | value |", "|---|---|",
+              card_table((f"`{k}`", f"`{v}`") for k, v in shown.items()), "",
               "## Limits", "",
               f"- A text is cut to its first {info['max_length']} tokens (the run's max_length; "
               f"GPT-2's context is {info['model']['context_length']}): what comes after is not "
