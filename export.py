@@ -85,6 +85,10 @@ def position_rule(info):
                          "GPT2ForSequenceClassification classifies the last, so it would score "
                          f"differently; {retrain}, or export it with --export onnx, which "
                          "carries any run")
+    if info.get("pad_id", data.PAD_ID) != data.PAD_ID:
+        raise files.RunError(f"run.json's pad_id is {info['pad_id']}, not <|endoftext|> "
+                             f"({data.PAD_ID}), which finetune.py pads with; put it back as it "
+                             "was written")
     n = info["max_length"]
     if info["token_position"] == "last" and info["padding"] is True:
         return NO_TOKEN_ID, {"padding": "max_length", "truncation": True}, (
@@ -169,7 +173,7 @@ def hf_tensors(model, temp=1.0):
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def hf_config(model, info, pad_token_id, temp):
+def hf_config(model, info, pad_token_id, tokenizer_kwargs, temp):
     """config.json: GPT-2's hyperparameters, the class names, the pad id of `position_rule`."""
     cfg, names = model.cfg, info["class_names"]
     drop = cfg.drop_rate
@@ -186,7 +190,7 @@ def hf_config(model, info, pad_token_id, temp):
         "problem_type": "single_label_classification", "torch_dtype": "float32",
         "gpt2_classify": {"token_position": info["token_position"], "padding": info["padding"],
                           "max_length": info["max_length"], "temperature": temp,
-                          "run_id": info.get("run_id")},
+                          "tokenizer_call": tokenizer_kwargs, "run_id": info.get("run_id")},
     }
     d = decision(info)
     if d:
@@ -195,7 +199,7 @@ def hf_config(model, info, pad_token_id, temp):
     return config
 
 
-def tokenizer_files(folder, info, tokenizer_kwargs):
+def tokenizer_files(folder, info):
     """GPT-2's tokenizer in transformers' layout, from the two files data.get_tokenizer reads
     (OpenAI's encoder.json is GPT-2's vocab.json, its vocab.bpe GPT-2's merges.txt), set to
     encode as the run did: <|endoftext|> written in a text is ordinary text (it is never the
@@ -214,7 +218,7 @@ def tokenizer_files(folder, info, tokenizer_kwargs):
         "add_bos_token": False, "split_special_tokens": True,
         "model_input_names": ["input_ids"], "model_max_length": info["max_length"],
         "padding_side": "right", "truncation_side": "right",
-        "clean_up_tokenization_spaces": False, "gpt2_classify_call": tokenizer_kwargs})
+        "clean_up_tokenization_spaces": False})
 
 
 # ------------------------------------------------------------------------------------ the checks
@@ -288,6 +292,12 @@ def precision_gap(classifier, info, temp, batches):
 
 # ----------------------------------------------------------------------------------- the model card
 
+def call_text(kwargs):
+    """Keyword arguments as a Python call writes them: padding="max_length", truncation=True."""
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                     for k, v in kwargs.items())
+
+
 def card_table(rows):
     return "\n".join(f"| {a} | {b} |" for a, b in rows)
 
@@ -314,7 +324,7 @@ def model_card(run_dir, info, metrics, rule, tokenizer_kwargs, temp, precision_n
     else:
         source = ("the SMS Spam Collection (Almeida and Gómez Hidalgo, UCI Machine Learning "
                   f"Repository, CC BY 4.0), `{src.get('path', 'downloaded')}`")
-    kwargs = ", ".join(f"{k}={v!r}".replace("'", '"') for k, v in tokenizer_kwargs.items())
+    kwargs = call_text(tokenizer_kwargs)
     d = decision(info)
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-classification",
@@ -460,7 +470,9 @@ def write_folder(out, overwrite, fill):
 
 def export_hf(run_dir, classifier, info, out, overwrite=False):
     """Write the run (`classifier`, `info`: evaluate.load_run's) to the folder `out` in Hugging
-    Face's format, checked first; returns {"max_difference": on PROBES, "rule": in words}."""
+    Face's format, checked first. Returns {"max_difference": in a probability, on PROBES,
+    "precision_difference": from the run's bf16 or fp16 (None for fp32), "rule": in words,
+    "tokenizer_kwargs": what a user passes to the tokenizer or the pipeline}."""
     pad_token_id, tokenizer_kwargs, rule = position_rule(info)
     temp = temperature(info)
     decision(info)
@@ -486,8 +498,8 @@ def export_hf(run_dir, classifier, info, out, overwrite=False):
     def fill(folder):
         files.save_model(tensors, folder / "model.safetensors", {"format": "pt"})
         files.write_json(folder / "config.json",
-                         hf_config(model, info, pad_token_id, temp))
-        tokenizer_files(folder, info, tokenizer_kwargs)
+                         hf_config(model, info, pad_token_id, tokenizer_kwargs, temp))
+        tokenizer_files(folder, info)
         card = model_card(run_dir, info, metrics, rule, tokenizer_kwargs, temp, note)
         files.write_atomic(folder / "README.md", card.encode("utf-8"))
     write_folder(out, overwrite, fill)
@@ -507,9 +519,9 @@ def onnx_modules():
 
 class GraphClassifier(nn.Module):
     """The run's classifier as one traceable graph: token ids (B, T) -> class logits (B, C),
-    the temperature folded into the head. `model` is a GPTModel built `plain` (the chapter's
-    explicit formulas, which the ONNX exporter traces for any length); a position is picked by
-    slicing or a gather, never an index built from the batch's size."""
+    divided by the temperature. `model` is a GPTModel switched to `plain` (the chapter's
+    explicit formulas, which the ONNX exporter traces for any length); the position is picked
+    by slicing or a gather, never by an index built from the batch's size."""
 
     def __init__(self, model, info, temp):
         super().__init__()
@@ -540,7 +552,7 @@ def onnx_graph(classifier, info, temp):
     return GraphClassifier(model, info, temp).eval()
 
 
-def export_onnx(run_dir, classifier, info, out, overwrite=False):
+def export_onnx(run_dir, classifier, info, out):
     """Write the run to `out` as an ONNX graph (input_ids (batch, length) int64 -> logits
     (batch, classes) float32), with the run's choices in its metadata; checked with
     onnxruntime first. Returns {"max_difference": in a logit, on PROBES}."""
@@ -564,6 +576,7 @@ def export_onnx(run_dir, classifier, info, out, overwrite=False):
             "pad_id": info.get("pad_id", data.PAD_ID), "token_position": info["token_position"],
             "average_embeddings": info["average_embeddings"], "padding": info["padding"],
             "temperature": temp, "run_id": info.get("run_id"),
+            "precision": f"float32 (the run computed in {info.get('precision', 'fp32')})",
             "input": (f"token ids from GPT-2's tokenizer, encoded as ordinary text, cut to "
                       f"{info['max_length']} tokens"
                       + (f" and right-padded to {info['max_length']} with "
@@ -599,15 +612,14 @@ def export(fmt, run_dir, classifier, info, out, overwrite=False):
     start = time.time()
     if fmt == "hf":
         r = export_hf(run_dir, classifier, info, out, overwrite)
-        kwargs = ", ".join(f"{k}={v!r}".replace("'", '"')
-                           for k, v in r["tokenizer_kwargs"].items())
+        kwargs = call_text(r["tokenizer_kwargs"])
         print(f"Exported {run_dir} to {out} in {time.time() - start:.1f} s: Hugging Face's "
               f"format (GPT2ForSequenceClassification, classes {', '.join(info['class_names'])})"
               f"; its probabilities match the run's to {r['max_difference']:.1e} on "
               f"{len(PROBES)} test texts. Load it with")
         print(f'  pipeline("text-classification", model="{out}", {kwargs})')
     else:
-        r = export_onnx(run_dir, classifier, info, out, overwrite)
+        r = export_onnx(run_dir, classifier, info, out)
         print(f"Exported {run_dir} to {out} in {time.time() - start:.1f} s: ONNX, input_ids "
               f"(batch, length) -> logits (batch, {info['num_classes']}); onnxruntime's logits "
               f"match the run's to {r['max_difference']:.1e} on {len(PROBES)} test texts")

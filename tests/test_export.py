@@ -13,7 +13,6 @@ import json
 import math
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import evaluate
 import export
 import finetune
 
+pytestmark = pytest.mark.slow  # tiny finetune.py runs
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 CPU = torch.device("cpu")
@@ -78,8 +78,8 @@ def runs(tmp_path_factory, tiny_weights, small_raw_path):
     padding, the default), LoRA, every layer trained, bf16, texts left unpadded."""
     root = tmp_path_factory.mktemp("export-runs")
     own = write_own_file(root / "topics.csv")
-    named = ["--train-file", own, "--label-names", ",".join(f"{k}={v}" for k, v in
-                                                           CLASSES.items())]
+    names = ",".join(f"{k}={v}" for k, v in CLASSES.items())
+    named = ["--train-file", own, "--label-names", names]
     w = ["--weights", tiny_weights]
     return {
         "last": train(root / "last", "--data", small_raw_path, *w),
@@ -189,8 +189,9 @@ def test_the_chapters_rule_needs_the_padding_the_card_names(runs, exported):
     only when the texts are padded so; unpadded, it reads the last real token, which scores
     otherwise: the card says to pad, and config.json's pad id is no token at all."""
     folder = exported["last"]
-    assert pipeline_call(folder) == {"padding": "max_length", "truncation": True}
     config = json.loads((folder / "config.json").read_text())
+    assert pipeline_call(folder) == config["gpt2_classify"]["tokenizer_call"] == \
+        {"padding": "max_length", "truncation": True}
     assert config["pad_token_id"] >= config["vocab_size"]
     ours, _, _ = our_probs(runs["last"])
     pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu",
@@ -364,7 +365,7 @@ def test_an_existing_export_is_replaced_only_with_overwrite_and_only_when_whole(
     message = error_of(["--run", runs["last"], "--export", "hf", out])
     assert "not empty; pass --overwrite" in message
 
-    def broken(folder, info, kwargs):  # a full disk half-way through the new export
+    def broken(folder, info):  # a full disk half-way through the new export
         raise OSError(28, "No space left on device", str(folder / "vocab.json"))
     monkeypatch.setattr(export, "tokenizer_files", broken)
     assert "the disk is full" in error_of(["--run", runs["last"], "--export", "hf", out,
