@@ -13,9 +13,12 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import data
 import evaluate
@@ -182,6 +185,17 @@ def test_the_tokenizer_encodes_as_the_run_did(runs, exported):
             data.encode(text, ours, n), text
     assert "attention_mask" not in tok(TEXTS[0])
     assert tok.model_max_length == n
+
+
+def test_the_tokenizer_encodes_any_text_as_tiktoken_does(exported):
+    tok = transformers.AutoTokenizer.from_pretrained(exported["flexible"])
+    ours = data.get_tokenizer()
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(min_size=1, max_size=40))
+    def same(text):
+        assert tok(text)["input_ids"] == ours.encode_ordinary(text)
+    same()
 
 
 def test_the_chapters_rule_needs_the_padding_the_card_names(runs, exported):
@@ -398,3 +412,28 @@ def test_export_runs_alone(runs, tmp_path, capsys):
         evaluate.main(["--run", str(runs["last"]), "--export", "hf", str(tmp_path / "x"),
                        "--text", "hi"])
     assert "--export runs alone" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the docs page
+
+def test_the_docs_pages_examples_print_the_runs_probabilities(runs, tmp_path, monkeypatch):
+    """docs/export.md's Python, run as written in a folder holding `exported/spam` and
+    `spam.onnx` (of the tiny `last` run): both print what evaluate.py gives."""
+    pytest.importorskip("onnxruntime")
+    page = Path(__file__).resolve().parents[1] / "docs" / "export.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+    assert len(blocks) == 2
+    run_export(runs["last"], "hf", tmp_path / "exported" / "spam")
+    run_export(runs["last"], "onnx", tmp_path / "spam.onnx")
+    monkeypatch.chdir(tmp_path)
+    namespace, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for block in blocks:
+            exec(compile(block, str(page), "exec"), namespace)
+    ours, _, _ = our_probs(runs["last"], namespace["texts"])
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == 2 * len(ours)
+    for line, want in zip(lines, ours + ours):  # "not spam  0.5123  spam      0.4877"
+        got = {m[0]: float(m[1]) for m in re.findall(r"(\S+(?: \S+)?)\s+([01]\.\d{4})", line)}
+        assert got.keys() == want.keys()
+        assert all(abs(got[c] - want[c]) <= 0.5e-4 + 1e-6 for c in want), (line, want)
