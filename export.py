@@ -411,7 +411,9 @@ def model_card(run_dir, info, metrics, rule, tokenizer_kwargs, temp, precision_n
 def config_pad_text(tokenizer_kwargs):
     if tokenizer_kwargs.get("padding") == "max_length":
         return (f"{NO_TOKEN_ID}, an id no text is encoded to, so the very last position is "
-                "read: every text must be padded to max_length")
+                "read: every text must be padded to max_length (transformers warns, as it "
+                "loads the model, that this pad_token_id lies outside the vocabulary: that is "
+                "what makes it read the last position)")
     return f"{data.PAD_ID}, `<|endoftext|>`, the padding, so the last real token is read"
 
 
