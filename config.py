@@ -10,7 +10,8 @@ anything is read or trained. finetune.py uses these; nothing here imports it.
 
 import argparse
 import math
-from dataclasses import dataclass, field, fields
+import os
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -190,6 +191,9 @@ class TrainConfig:
                             "regression on the same training split) printed beside the "
                             "model's test scores at the end")
 
+    def __post_init__(self):
+        check_types(self)  # made in Python: checked as argparse checks the command line
+
 
 def flag_name(name):
     """The flag of a TrainConfig field, as the command line spells it."""
@@ -197,8 +201,71 @@ def flag_name(name):
     return (f.metadata.get("flags") or ["--" + name.replace("_", "-")])[0]
 
 
+# Fields that name a file or folder: a pathlib.Path is taken as its text.
+PATHS = {"data", "train_file", "val_file", "test_file", "weights", "output_dir", "resume"}
+# Fields the command line gives as a comma list: a Python list or tuple is taken as one.
+LISTS = {"labels": str, "final_splits": str, "class_weights": (int, float)}
+KINDS = {int: "a whole number", float: "a number", bool: "True or False", str: "a string"}
+
+
+def _field_value(f, value):
+    """One field's value as the command line would have parsed it (ValueError if it cannot
+    be): paths as text, lists as their comma form, --label-names from a dict, types checked."""
+    flag = f"{flag_name(f.name)} ({f.name})"
+    if isinstance(value, os.PathLike) and f.name in PATHS:
+        value = os.fspath(value)
+    if f.name in LISTS and isinstance(value, (list, tuple)):
+        kind = LISTS[f.name]
+        odd = [v for v in value if isinstance(v, bool) or not isinstance(v, kind)
+               or isinstance(v, str) and ("," in v or not v.strip())]
+        if odd or not value:
+            raise ValueError(f"{flag}: {odd[0]!r} is not " + (
+                "a name without commas" if kind is str else "a number") if odd else
+                f"{flag} is an empty list; give at least one item, or None")
+        value = ",".join(map(str, value))
+    if f.name == "label_names" and isinstance(value, dict):
+        value = ",".join(f"{k}={v}" for k, v in value.items())
+    if value is None:
+        if f.default is None or f.default is MISSING:
+            return None
+        raise ValueError(f"{flag} is None but needs a value: {KINDS[f.type]}, such as "
+                         f"{f.name}={f.default!r} (its default)")
+    ok = (isinstance(value, bool) if f.type is bool else
+          not isinstance(value, bool) and isinstance(value, (int, float) if f.type is float
+                                                     else f.type))
+    if not ok:
+        plural = " or a list" if f.name in LISTS else ""
+        raise ValueError(f"{flag} must be {KINDS[f.type]}{plural}, not "
+                         f"{type(value).__name__} {value!r}"
+                         + (f"; write {f.name}={value.strip()}" if f.type in (int, float)
+                            and isinstance(value, str) and _numeric(value) else ""))
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{flag} is {value!r}, not one of {', '.join(choices)}")
+    return float(value) if f.type is float else value
+
+
+def _numeric(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def check_types(cfg):
+    """Every field of a TrainConfig made in Python checked as argparse checks the command line
+    (its type, its choices), and taken as the command line would give it: a pathlib.Path as
+    its text, a list (--labels, --class-weights, --final-splits) as its comma form, a dict of
+    --label-names as 0=ham,1=spam. ValueError naming the flag where a value cannot be one."""
+    for f in fields(cfg):
+        setattr(cfg, f.name, _field_value(f, getattr(cfg, f.name)))
+    return cfg
+
+
 def check_config(cfg):
     """Refuse settings that cannot work, with a message that says what to do."""
+    check_types(cfg)  # (again: a field may have been set after the TrainConfig was made)
     positive = ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulation_steps",
                 "lora_rank")
     for name in positive:

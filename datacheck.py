@@ -182,6 +182,14 @@ def check_datasets(splits, datasets, class_names, conflicts=()):
     return report
 
 
+def check_run(labelled, datasets, say=print):
+    """finetune.py's step 4b: check_datasets of the run's data.LabelledData and datasets, its
+    summary line to `say`. Returns the report (data-check.json)."""
+    report = check_datasets(labelled.splits, datasets, labelled.class_names, labelled.conflicts)
+    say(summary(report))
+    return report
+
+
 def full_report(labelled, datasets):
     """--check-data's text: check_datasets of a run's data.LabelledData and datasets, whole."""
     return "\n".join(report_lines(check_datasets(labelled.splits, datasets,

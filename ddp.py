@@ -53,7 +53,7 @@ def is_main():
 def select_device(name="auto"):
     """auto: cuda, then mps (only torch >= 2.9: older MPS gave wrong numbers), then cpu. An
     explicit mps on an older torch is refused for the same reason."""
-    mps_new = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
+    mps_new = torch_version() >= (2, 9)
     if name == "auto":
         mps_ok = torch.backends.mps.is_available() and mps_new
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
@@ -180,33 +180,53 @@ def eval_loss_over_ranks(input_batch, target_batch, model, device, ignore_index=
     """Under torchrun: the mean loss of a whole batch of which each process holds a share
     (the sums of the example losses and their counts, added up over the processes; with class
     weights, the weighted sums and the weights)."""
-    input_batch, target_batch = share(input_batch), share(target_batch).to(device)
+    host_targets = share(target_batch)  # (the kept labels are counted on the host)
+    input_batch, target_batch = share(input_batch), host_targets.to(device)
     loss_sum = 0.0
     if len(target_batch):  # the last batch of an evaluation may leave a process none
         logits = model(input_batch.to(device))
         loss_sum = F.cross_entropy(logits, target_batch, ignore_index=ignore_index,
                                    weight=weight, reduction="sum").item()
-    kept = target_batch[target_batch != ignore_index]
-    count = len(kept) if weight is None else weight[kept].sum()
+    kept = host_targets[host_targets != ignore_index]
+    count = len(kept) if weight is None else weight[kept.to(weight.device)].sum()
     loss_sum, count = sum_over_ranks(loss_sum, count)
     return loss_sum / count if count else float("nan")
 
 
 def training_loss_batch(calc_loss_batch, input_batch, target_batch, model, device,
-                        ignore_index=-100, weight=None):
+                        ignore_index=-100, weight=None, host_weight=None):
     """The loss a training step backpropagates: the batch's mean loss. Under torchrun, this
     process's share of it, scaled so that DDP's average over the processes' gradients is the
     whole batch's: the mean of its share, or with class weights its weighted sum over the whole
-    batch's sum of weights (added up over the processes) times their number. Without torchrun,
-    or without class weights, that is `calc_loss_batch` (finetune's) of its share."""
+    batch's sum of weights times their number. Every process holds the whole batch on the host,
+    so each adds up that sum itself (`host_weight`: the weights on the host, default
+    weight.cpu()): no collective, no wait for the device. Without torchrun, or without class
+    weights, that is `calc_loss_batch` (finetune's) of its share."""
+    whole_targets = target_batch
     input_batch, target_batch = share(input_batch), share(target_batch)
     if world() == 1 or weight is None:
         return calc_loss_batch(input_batch, target_batch, model, device, ignore_index, weight)
-    target_batch = target_batch.to(device)
-    loss_sum = F.cross_entropy(model(input_batch.to(device)), target_batch, weight=weight,
-                               ignore_index=ignore_index, reduction="sum")
-    (weights,) = sum_over_ranks(weight[target_batch[target_batch != ignore_index]].sum())
+    host_weight = weight.cpu() if host_weight is None else host_weight
+    weights = host_weight.double()[whole_targets[whole_targets != ignore_index]].sum().item()
+    logits = model(input_batch.to(device, non_blocking=input_batch.is_pinned()))
+    targets = target_batch.to(device, non_blocking=target_batch.is_pinned())
+    loss_sum = F.cross_entropy(logits, targets, weight=weight, ignore_index=ignore_index,
+                               reduction="sum")
     return loss_sum * world() / weights
+
+
+def torch_version():
+    """(major, minor) of the torch running."""
+    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def use_tf32():
+    """--tf32: CUDA's fp32 matrix products in TF32. torch 2.9 names it
+    matmul.fp32_precision; older ones have no such attribute, only matmul.allow_tf32."""
+    if torch_version() >= (2, 9):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def synchronize(device):

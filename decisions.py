@@ -539,17 +539,20 @@ def score_table(scores, calibrated):
 
 # ---------------------------------------------------------------------------- after training
 
-def check_target(target, positive, class_names, val_labels, warn=print):
-    """--target and --positive-class against the run's classes and validation split, before
-    anything is trained: the positive class's index (None without a target); a warning where
-    the split has few examples for it goes to `warn`. ValueError where they cannot work."""
+def check_target(cfg, labelled, warn=print):
+    """--target and --positive-class (`cfg`'s) against the run's classes and validation split
+    (`labelled`: a data.LabelledData), before anything is trained: the positive class's index
+    (None without a target); a warning where the split has few examples for it goes to `warn`.
+    ValueError where they cannot work."""
+    target, positive, class_names = cfg.target, cfg.positive_class, labelled.class_names
     if target is None:
         if positive is not None:
             positive_index(class_names, positive)  # a wrong name is refused all the same
         return None
     metric, _ = parse_target(target)
     k = positive_index(class_names, positive, target)
-    warning = check_support(val_labels, k, metric, target=target)
+    warning = check_support([y for y, _ in labelled.splits["validation"]], k, metric,
+                            target=target)
     if warning:
         warn(warning)
     return k
@@ -598,6 +601,20 @@ def assess(classifier, datasets, class_names, device, target=None, positive=None
     return record, lines
 
 
+def after_training(classifier, datasets, device, cfg, labelled, positive, names, dropped,
+                   report, say=print):
+    """finetune.py's step 6b: `assess` with the run's settings (`cfg`: --target, the baseline
+    unless --no-baseline) on the splits of the final pass (`names`) and validation, leaving out
+    the training examples the chapter's pass `dropped`, its lines to `say`. On the Classifier
+    under DDP where `classifier` is one, so that no collective runs (rank 0 alone calls it).
+    Returns the record, with the data check's `report` in it (for data-check.json)."""
+    record, lines = assess(getattr(classifier, "module", classifier), datasets,
+                           labelled.class_names, device, cfg.target, positive, names,
+                           {"train": dropped}, labelled.splits if cfg.baseline else None)
+    say("\n".join(lines))
+    return {**record, "data_check": report}
+
+
 def measured(record):
     """What metrics.json keeps of assess's record: the scores, and the baseline's."""
     return {k: record[k] for k in ("scores", "baseline") if k in record}
@@ -609,10 +626,10 @@ def decided(record):
     return {k: record[k] for k in ("calibration", "decision") if record.get(k)}
 
 
-def write_files(record, report, out_dir):
-    """The run folder's data-check.json (the data check's `report`) and, where a temperature
-    was fitted, its reliability diagram. Returns the names of the files written."""
-    files.write_json(Path(out_dir) / "data-check.json", report)
+def write_files(record, out_dir):
+    """The run folder's data-check.json (the record's data check) and, where a temperature was
+    fitted, its reliability diagram. Returns the names of the files written."""
+    files.write_json(Path(out_dir) / "data-check.json", record["data_check"])
     cal = record["calibration"]
     if not cal:
         return ["data-check.json"]

@@ -7,6 +7,7 @@ texts (`classify_review`, the chapter's section 6.8), and serving it over HTTP.
     python evaluate.py --run DIR --predict new.csv --output predictions.csv
     cat messages.txt | python evaluate.py --run DIR --stdin
     python evaluate.py --run DIR --serve     # a page and a JSON API: serve.py
+    python evaluate.py --run DIR --export hf exported/   # or onnx model.onnx: export.py
 
 A run trained on a GPU evaluates on a CPU (or anywhere else) with the same numbers.
 """
@@ -26,6 +27,7 @@ import baseline
 import data
 import ddp
 import decisions
+import export
 import files
 import gpt
 import serve
@@ -176,10 +178,14 @@ def predict_proba(texts, classifier, info, device, tokenizer=None, batch_size=No
 
     Texts are encoded, cut and padded as in training (the run's max_length and padding), and
     the probabilities calibrated by the run's temperature where it has one. This is the one
-    classifying function: --text, --stdin, --predict and serving all call it."""
-    texts = list(texts)
+    classifying function: --text, --stdin, --predict and serving all call it. A single string
+    is one text (a list of one comes back), never a list of its characters."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
     for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise ValueError(f"text {i + 1} is {type(text).__name__} {text!r}, not a string; "
+                             "give a list of texts")
+        if not text.strip():
             raise ValueError(f"text {i + 1} is empty; give a text to classify")
     tokenizer = tokenizer or data.get_tokenizer()
     names, out = info["class_names"], []
@@ -461,7 +467,8 @@ def main(argv=None):
     p.add_argument("--output", metavar="PATH", help="where --predict writes: .csv, .tsv or "
                    ".jsonl, one row per input row: its row id, the predicted class, one "
                    "probability per class")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output, or "
+                   "an earlier export in --export's OUT")
     p.add_argument("--text", action="append", default=[], metavar="TEXT",
                    help="a text to classify (repeat for more)")
     p.add_argument("--stdin", action="store_true",
@@ -479,14 +486,22 @@ def main(argv=None):
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="with --all-splits, skip the baseline (word TF-IDF + logistic "
                    "regression, trained again on the run's training split)")
+    p.add_argument("--export", nargs=2, metavar=("hf|onnx", "OUT"),
+                   help="write the run for other tools: hf, a folder OUT that transformers "
+                   "loads (GPT2ForSequenceClassification, tokenizer, model card); onnx, a file "
+                   "OUT.onnx (needs pip install -e \".[export]\"); on the CPU, in fp32")
     serve.add_arguments(p)
     args = p.parse_args(argv)
     if not (args.all_splits or args.file or args.predict or args.text or args.stdin
-            or args.serve):
-        p.error("say what to do: --all-splits, --file FILE, --predict FILE, --text TEXT, --stdin "
-                "or --serve")
-    if args.serve and (args.all_splits or args.file or args.predict or args.text or args.stdin):
-        p.error("--serve runs alone: leave out --all-splits, --file, --predict, --text and "
+            or args.serve or args.export):
+        p.error("say what to do: --all-splits, --file FILE, --predict FILE, --text TEXT, --stdin, "
+                "--serve or --export hf|onnx OUT")
+    others = args.all_splits or args.file or args.predict or args.text or args.stdin
+    if args.serve and (others or args.export):
+        p.error("--serve runs alone: leave out --all-splits, --file, --predict, --text, --stdin "
+                "and --export")
+    if args.export and others:
+        p.error("--export runs alone: leave out --all-splits, --file, --predict, --text and "
                 "--stdin")
     try:
         if any(not t.strip() for t in args.text):
@@ -506,6 +521,11 @@ def main(argv=None):
         if args.run is None:
             args.run = files.latest_run()
             print(f"Using the most recent finished run: {args.run}", file=sys.stderr)
+        if args.export:  # on the CPU, in fp32, whatever the run trained on
+            export.check_target(*args.export, args.overwrite)
+            classifier, info = load_run(args.run, torch.device("cpu"))
+            return export.export(args.export[0], args.run, classifier, info, args.export[1],
+                                 args.overwrite)
         device = ddp.select_device(args.device)
         classifier, info = load_run(args.run, device)
         if args.serve:
@@ -543,7 +563,7 @@ def main(argv=None):
             if info.get("decision"):  # the decision first, then the probabilities
                 shown = f"{decisions.decide(probs, names, info['decision']):<{width}}  {shown}"
             print(f"{shown}  {echo(text, tokenizer, info, classifier.gpt.cfg.context_length)}")
-    except (ValueError, files.RunError, data.DataError) as e:
+    except (ValueError, files.RunError, data.DataError, gpt.WeightsError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a file that cannot be read or written: one line, naming it
         sys.exit(f"error: {files.describe_os_error(e)}")

@@ -393,6 +393,13 @@ def plan_resume(folder):
         raise ValueError(f"--resume {folder}: the run there has finished (run.json); there is "
                          f"nothing to resume: evaluate.py --run {folder} uses it, and "
                          "--overwrite trains it again")
+    if not (work / CHECKPOINT).is_file() and not (work / "log.txt").is_file():
+        model = (work / "config.json").is_file() or (work / "model.safetensors").is_file()
+        raise ValueError(f"--resume {folder}: not a run folder (a run folder of finetune.py "
+                         f"holds log.txt, and while unfinished {CHECKPOINT}); "
+                         + (f"it holds a model: to train from it, pass --weights {folder} and "
+                            "a new --output-dir" if model else
+                            "pass the folder of the run to go on with"))
     if not (work / CHECKPOINT).is_file():
         raise ValueError(f"--resume {folder}: {work} holds no checkpoint ({CHECKPOINT}): its "
                          "run stopped before its first epoch ended (or ran with "

@@ -36,8 +36,8 @@ import gpt
 import longrun
 import shortcuts
 import tables
-from config import (FINAL_TRAIN_ROWS, TrainConfig, check_config, class_weight_values,
-                    data_choices, parse_args)
+from config import (FINAL_TRAIN_ROWS, TrainConfig, check_config, check_types,
+                    class_weight_values, data_choices, parse_args)
 
 __all__ = ["TrainConfig", "parse_args", "run", "main", "train_classifier_simple"]
 
@@ -110,16 +110,17 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter, ignore_in
 
 
 def train_classifier_simple(model, loaders, optimizer, cfg, device, scaler=None,
-                            class_weights=None, long_run=None):
+                            class_weights=None, long_run=None, host_weights=None):
     """The chapter's training loop: returns the history as a dict.
 
     Each step: zero grads, loss, backward, step. Every `eval_freq` steps the mean loss over the
     first `eval_iter` batches of train and validation; after each epoch the accuracy over the first
     `eval_iter` batches of each. With `accumulation_steps` K the gradients of K batches are summed
     (each loss divided by K, so they average) before one optimizer step; a last, shorter group
-    is stepped too. `class_weights` (a tensor, one per class) weights the loss. `long_run` (a
-    LongRun) adds, at the loop's seams, what a long run asks for: the start of a resumed run,
-    checkpoints, the best epoch kept and stopping early.
+    is stepped too. `class_weights` (a tensor, one per class) weights the loss (`host_weights`:
+    the same on the host, for torchrun, where each process adds up a batch's weights itself).
+    `long_run` (a LongRun) adds, at the loop's seams, what a long run asks for: the start of a
+    resumed run, checkpoints, the best epoch kept and stopping early.
     """
     train_loader, val_loader = loaders["train"], loaders["validation"]
     history = {"train_losses": [], "val_losses": [], "train_accs": [], "val_accs": [],
@@ -147,7 +148,8 @@ def train_classifier_simple(model, loaders, optimizer, cfg, device, scaler=None,
             with ddp.no_sync(model, not stepping), \
                     shortcuts.keys_from(model, ddp.share(input_batch)):
                 loss = ddp.training_loss_batch(calc_loss_batch, input_batch, target_batch,
-                                               model, device, cfg.ignore_index, class_weights)
+                                               model, device, cfg.ignore_index, class_weights,
+                                               host_weights)
                 # fp16 gradients underflow without scaling; the scaler is a no-op otherwise.
                 scaler.scale(loss / k if k > 1 else loss).backward()
             if stepping:
@@ -481,12 +483,16 @@ def final_splits(cfg, datasets):
         why = (f"the training split's {len(datasets['train']):,} rows are over "
                f"{FINAL_TRAIN_ROWS:,}; --final-splits all scores it too")
     else:
+        missing = [] if spec == "all" else [n for n in spec.split(",") if n not in have]
+        if missing:
+            raise ValueError(f"--final-splits {spec} names {' and '.join(missing)}, which this "
+                             f"run does not have (its splits: {', '.join(have)}); name only "
+                             "those, or pass all")
         names = have if spec == "all" else [n for n in have if n in spec.split(",")]
         why = "--final-splits"
         if names == have:
             return have, None
-    shown = " and ".join(names) or "none"
-    return names, f"The final pass scores {shown} only ({why})"
+    return names, f"The final pass scores {' and '.join(names)} only ({why})"
 
 
 def final_accuracies(classifier, loaders, device):
@@ -501,25 +507,22 @@ def final_accuracies(classifier, loaders, device):
     return final
 
 
-def save_run(work, out, folder, model, base, cfg, history, final, run_info, timing, decided):
-    """Step 7: the run folder's files, the weights (what matters most) first; run.json last.
-    `decided`: (decisions.assess's record, the data check's report) of steps 4b and 6b."""
-    record, report = decided
+def save_run(work, out, folder, model, base, cfg, history, final, run_info, timing, record):
+    """Step 7: the run folder's files, the weights (what matters most) first; run.json last."""
     weights_file, tensors = weights_to_save(model, base)
     bad = gpt.nonfinite(tensors)
     if bad:
         raise diverged(f"the weight {bad[0]} holds NaN or infinite values",
                        history["steps"] - 1, cfg.epochs - 1, cfg)
-    metrics = {"history": history, "final_accuracy": final, **decisions.measured(record),
-               **timing, "processes": ddp.world(), "torch": torch.__version__,
-               "run_id": folder.run_id}
+    metrics = {"history": history, "final_accuracy": final, **timing, "processes": ddp.world(),
+               "torch": torch.__version__, "run_id": folder.run_id, **decisions.measured(record)}
     info = {"model": asdict(model.cfg), **run_info, **decisions.decided(record),
             "flags": asdict(cfg), "weights_file": weights_file,
             "base": base if weights_file == "trained.safetensors" else None,
             "run_id": folder.run_id}
 
     def plots(folder):
-        return plot_history(history, folder) + decisions.write_files(record, report, folder)
+        return plot_history(history, folder) + decisions.write_files(record, folder)
     try:
         files.write_run(work, tensors, metrics, info, plots)
     except OSError as e:  # a full disk, say: the trained model is saved elsewhere if it can
@@ -535,6 +538,7 @@ def run(cfg, given=None):
     `cfg.resume` set, goes on with that unfinished run from its checkpoint, with its own flags
     (`given`: the fields the command line set, which must not change them; see
     resume_config)."""
+    check_types(cfg)  # a field set after the TrainConfig was made: checked before all else
     cfg, resume = longrun.start(cfg, given)  # a Fresh start unless --resume
     check_config(cfg)
     position, ctx = data_choices(cfg)
@@ -549,7 +553,7 @@ def run(cfg, given=None):
         raise ValueError(f"--tf32 is a CUDA setting, and this run is on {device.type}; drop "
                          "--tf32, or pass --device cuda")
     if cfg.tf32:  # off by default (full fp32), as PyTorch's own default
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        ddp.use_tf32()
     if not ddp.is_main():  # under torchrun rank 0 alone prints and writes the run folder
         out, folder = None, files.NoFolder()
     else:
@@ -564,18 +568,19 @@ def run(cfg, given=None):
               f"{', deterministic algorithms' if cfg.deterministic else ''})")
         labelled = load_data(cfg)  # 1
         splits, class_names = labelled.splits, labelled.class_names
-        positive = decisions.check_target(cfg.target, cfg.positive_class, class_names,
-                                          [y for y, _ in splits["validation"]], warn=print)
-        weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]], class_names,
-                               device)  # on the device: every loss, from the first, uses it
+        positive = decisions.check_target(cfg, labelled, warn=print)  # --target: can it be?
+        host_weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]],
+                                    class_names)
+        # on the device: every loss, from the first, uses it
+        weight = None if host_weight is None else host_weight.to(device)
         torch.manual_seed(cfg.seed)  # 2: the initial weights, where they are random
         model, base = load_model(cfg)
         resume.check_fits(model, base, labelled.source)
         datasets, pad = make_datasets(cfg, splits, model.cfg.context_length, ctx)  # 3
+        final_names, said = final_splits(cfg, datasets)  # (refused now, not after training)
         torch.manual_seed(cfg.seed)  # 4: the loaders (the chapter's order; they draw later)
         loaders = make_loaders(cfg, datasets, class_names, device)
-        report = datacheck.check_datasets(splits, datasets, class_names, labelled.conflicts)
-        print(datacheck.summary(report))  # 4b: it warns; the splits stay as they are
+        report = datacheck.check_run(labelled, datasets, say=print)  # 4b: it only warns
         torch.manual_seed(cfg.seed)  # 5: freeze, new head (drawn here), unfreeze
         gpt.setup_classifier(model, len(class_names), cfg.trainable_layers,
                              cfg.lora_rank, cfg.lora_alpha)
@@ -633,7 +638,7 @@ def run(cfg, given=None):
         score = validation_scorer(loaders["validation"], cfg, device, weight)
         long_run = longrun.LongRun(cfg, model, score, save if out else None, resume.checkpoint)
         history = train_classifier_simple(classifier, loaders, optimizer, cfg, device, scaler,
-                                          weight, long_run)
+                                          weight, long_run, host_weight)
         ddp.synchronize(device)
         train_minutes = (time.time() - start_time) / 60
         print(f"Training completed in {train_minutes:.2f} minutes.")
@@ -642,16 +647,13 @@ def run(cfg, given=None):
         # 6. The training loader shuffles and drops its last partial batch, so this pass leaves
         # out a few examples (5 of 1,045); run.json names them so evaluate.py leaves out the same.
         dropped = data.dropped_examples(loaders["train"])
-        names, said = final_splits(cfg, datasets)
         if said:
             print(said)
-        final = final_accuracies(classifier, {n: loaders[n] for n in names}, device)
+        final = final_accuracies(classifier, {n: loaders[n] for n in final_names}, device)
         if not ddp.is_main():
             return None  # rank 0 writes the run folder
-        record, lines = decisions.assess(  # 6b: on rank 0 alone, no collective
-            getattr(classifier, "module", classifier), datasets, class_names, device,
-            cfg.target, positive, names, {"train": dropped}, splits if cfg.baseline else None)
-        print("\n".join(lines))
+        record = decisions.after_training(classifier, datasets, device, cfg, labelled,  # 6b
+                                          positive, final_names, dropped, report)
         run_info = {
             "num_classes": len(class_names), "class_names": class_names,
             "max_length": datasets["train"].max_length, "pad_id": data.PAD_ID, "padding": pad,
@@ -663,7 +665,7 @@ def run(cfg, given=None):
         timing = {"train_minutes": train_minutes, "total_minutes": (time.time() - start) / 60,
                   "device": str(device), "device_name": ddp.device_name(device)}
         save_run(work, out, folder, model, base, cfg, history, final, run_info, timing,
-                 (record, report))  # 7
+                 record)  # 7: the decisions' record (step 6b) goes to run.json and metrics.json
     return out
 
 

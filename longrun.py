@@ -12,6 +12,7 @@ start, whose steps do nothing. See docs/long-runs.md.
 
 import random
 from dataclasses import asdict, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,7 +48,9 @@ def set_rng_state(state):
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # those of the GPUs there are now: a machine with fewer has no generator for the rest
+        for i, cuda in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda, i)
 
 
 def trainable_tensors(model):
@@ -195,6 +198,16 @@ def read_checkpoint(path):
     return ckpt
 
 
+def same_folder(a, b):
+    """Whether two paths name one run folder (its .unfinished form, where an --overwrite run
+    builds it, counting as the folder)."""
+    def run_folder(p):
+        p = Path(p).resolve()
+        return p.with_name(p.name[:-len(".unfinished")]) if p.name.endswith(".unfinished") \
+            else p
+    return run_folder(a) == run_folder(b)
+
+
 def resume_config(cfg, given=None):
     """--resume: (the run's own TrainConfig, (out, replace, work, checkpoint)). `given` names
     the fields the command line set (default: those that differ from the defaults); each must
@@ -203,6 +216,10 @@ def resume_config(cfg, given=None):
     if not folder:
         raise ValueError("--resume needs the run folder: --resume DIR, or --output-dir DIR "
                          "--resume")
+    if cfg.resume and cfg.output_dir and not same_folder(cfg.resume, cfg.output_dir):
+        raise ValueError(f"--resume {cfg.resume} goes on in that run's own folder, but "
+                         f"--output-dir {cfg.output_dir} names another; a resumed run stays "
+                         "where it began: drop --output-dir")
     out, replace_, work = files.plan_resume(folder)
     path = work / files.CHECKPOINT
     ckpt = read_checkpoint(path)
@@ -279,6 +296,18 @@ def threads_note(ckpt):
             f"same up to float rounding, not bit for bit (OMP_NUM_THREADS={then} gives those)")
 
 
+def gpus_note(ckpt):
+    """A note where a run resumes with fewer CUDA generators (GPUs) than it saved (None where
+    not): those of the GPUs there are now are restored, the rest dropped."""
+    saved = len(ckpt["point"]["rng"].get("cuda", []))
+    now = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if saved <= now:
+        return None
+    return (f"note: the run saved the random generators of {saved} GPUs and this machine has "
+            f"{now}; those of the first {now} are restored, the rest dropped (a run that draws "
+            "on the GPU, with dropout say, draws differently from there on)")
+
+
 class Fresh:
     """A run that starts at its beginning: each of Resume's steps does nothing."""
     checkpoint = log = None
@@ -318,8 +347,9 @@ class Resume(Fresh):
     def announce(self, out, cfg):
         print(f"Resumed {out} from its checkpoint ({resumed_at(self.checkpoint, cfg)}); the "
               "log goes on from there")
-        if note := threads_note(self.checkpoint):
-            print(note)
+        for note in (threads_note(self.checkpoint), gpus_note(self.checkpoint)):
+            if note:
+                print(note)
 
     def check_fits(self, model, base, source):
         check_checkpoint_fits(self.checkpoint, self.path, model, base, source)

@@ -133,7 +133,7 @@ def class_probabilities(texts, classifier, tokenizer, info, device, predict, loc
     for i, text in enumerate(texts):
         try:
             truncated.append(len(data.encode(text, tokenizer, pad=False)) > max_length)
-        except ValueError as e:  # e.g. tiktoken refuses "<|endoftext|>" inside a text
+        except ValueError as e:  # (every str encodes, "<|endoftext|>" as plain text: a guard)
             raise ValueError(f"texts[{i}] cannot be tokenized: {str(e).splitlines()[0]}") from e
     with lock or nullcontext(), torch.inference_mode():
         probs = predict(texts, classifier, info, device, tokenizer, batch_size=32)

@@ -456,9 +456,8 @@ class TrunkCache:
                 rows[i] = F.pad(hit, (0, 0, 0, num_tokens - len(hit)))
             else:
                 missing.append(i)
-        if missing:  # the rows to compute, picked on the device by an index tensor
-            index = torch.tensor(missing).to(in_idx.device)
-            computed = self.compute(in_idx.index_select(0, index))
+        if missing:  # the rows to compute, picked on the device without an index from the host
+            computed = self.compute(pick_rows(in_idx, missing))
             dtype = self._store_dtype(in_idx.device.type, computed)
             for i, row in zip(missing, computed):  # read as later reads will read it
                 rows[i] = row.to(dtype)
@@ -479,6 +478,19 @@ class TrunkCache:
         self.store[key] = value.clone()  # a view would keep the whole batch's tensor alive
         self.bytes += size - held
         self.uncached.discard(key)
+
+
+def pick_rows(t, rows):
+    """t[rows] for row numbers the host knows (ascending), with nothing copied from the host:
+    each run of consecutive rows is a slice (a view; its bounds are kernel arguments), joined
+    on the device. An index tensor would be a host-to-device copy from pageable memory, which
+    waits for the device's queue on CUDA: a stall in every step that misses the cache."""
+    runs, start = [], rows[0]
+    for prev, row in zip(rows, rows[1:] + [None]):
+        if row != prev + 1:
+            runs.append(t[start:prev + 1])
+            start = row
+    return runs[0] if len(runs) == 1 else torch.cat(runs)
 
 
 def keys_from(model, host_ids):

@@ -88,12 +88,41 @@ def _looks_like_data(columns):
                for c in map(str, columns))
 
 
+# Characters that show as nothing: stripped from labels (a label copied from a web page or a
+# word processor may carry them), so that "spam" and "spam" + U+200B are one class.
+INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b"
+                              "\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\u2066\u2067"
+                              "\u2068\u2069\ufeff"))
+# Letters of other scripts drawn as Latin ones: two labels that differ only by these are refused
+# (Cyrillic, then Greek; after NFKC and casefolding).
+LOOK_ALIKE = str.maketrans("асеіјорѕхуԁһӏвкмнт" "αβεικνορτυχζ",
+                           "aceijopsxydhlbkmht" "abeiknoptyxz")
+# What str.splitlines() breaks at: a label holding one would break every table printed.
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def clean_label(label):
+    """A label as compared: one Unicode form (NFC: a composed and a decomposed é are one),
+    invisible characters (zero-width spaces, soft hyphens, direction marks, a BOM) taken out,
+    surrounding spaces stripped."""
+    return unicodedata.normalize("NFC", label).translate(INVISIBLE).strip()
+
+
 def _label_text(path, value, where, row):
     """A label as text: strings and integers are labels; anything else is refused."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise DataError(f"{path} {where} {row}: the label {value!r} is not a string or an "
                         "integer; write it as one")
     return str(value).strip()
+
+
+def _check_label_line(path, record):
+    """Refuse a label that holds a line break: every table printed (the log, the scores, the
+    confusion matrix, --predict's columns) would break at it."""
+    if any(c in record.label for c in LINE_BREAKS):
+        raise DataError(f"{path} {record.where} {record.row}: the label {record.label!r} holds a "
+                        "line break, which would break every table the run prints; write the "
+                        "label on one line")
 
 
 def _quote_error(path, n, start, end, e, line):
@@ -256,9 +285,12 @@ def read_records(path, fmt=None, text_column="text", label_column="label", label
         if not r.text.strip():
             raise DataError(f"{path} {r.where} {r.row}: the text is empty; fill it in or "
                             "delete the row")
-        if labelled and not r.label:
-            raise DataError(f"{path} {r.where} {r.row}: the label is empty; fill it in or "
-                            "delete the row")
+        if labelled:
+            r.label = clean_label(r.label)
+            if not r.label:
+                raise DataError(f"{path} {r.where} {r.row}: the label is empty; fill it in or "
+                                "delete the row")
+            _check_label_line(path, r)
     return records
 
 
@@ -267,31 +299,70 @@ def _is_int(label):
 
 
 def _number(label):
-    """The label's value where it is a plain decimal number (1, 01, +1, 1.0, .5), else None."""
-    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)", label):
+    """The label's value where it is a plain decimal number (1, 01, +1, 1.0, .5, 1e0), else
+    None."""
+    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,3})?", label):
         return decimal.Decimal(label)
     return None
 
 
 def _whole(label):
-    """The label as an integer's text where it is a whole number ("01", "1.0" and "+1" are
-    "1"), else None."""
+    """The label as an integer's text where it is a whole number ("01", "1.0", "1e0" and "+1"
+    are "1"), else None."""
     value = _number(label)
-    return str(int(value)) if value is not None and value == value.to_integral_value() else None
+    if value is None or value != value.to_integral_value() or value.adjusted() > 30:
+        return None
+    return str(int(value))
+
+
+def _skeleton(label):
+    """What a label looks like: compatibility forms folded (NFKC: a full-width or ligature
+    letter as its plain one), one case, and letters of other scripts drawn as Latin ones
+    taken as those."""
+    return unicodedata.normalize("NFKC", clean_label(label)).casefold().translate(LOOK_ALIKE)
 
 
 def _label_key(label):
-    """What two labels that look alike share: a number's value, else the text in one case and
-    one Unicode form (True and true, a composed and a decomposed é)."""
+    """What two labels that look alike share: a number's value, else what the text looks like
+    (True and true, spam with a Latin a and spаm with a Cyrillic а)."""
     value = _number(label)
-    return value if value is not None else unicodedata.normalize("NFC", label).casefold()
+    return value if value is not None else _skeleton(label)
+
+
+def _char_name(c):
+    return f"{c!r} ({unicodedata.name(c, f'U+{ord(c):04X}')})"
+
+
+def how_labels_differ(a, b):
+    """In words, how two labels with one _label_key differ: how a number is written, case, or
+    the characters that look alike (each named, as Unicode names it)."""
+    if _number(a) is not None and _number(b) is not None:
+        return "how the number is written"
+    if a.casefold() == b.casefold():
+        return "case"
+    pairs = [(x, y) for x, y in zip(a, b) if x != y and x.casefold() != y.casefold()] \
+        if len(a) == len(b) else []
+    if pairs:
+        shown = "; ".join(f"{_char_name(x)} against {_char_name(y)}" for x, y in
+                          dict.fromkeys(pairs))
+    else:
+        shown = ", ".join(_char_name(c) for c in dict.fromkeys(a + b)
+                          if c not in a or c not in b)
+    return f"characters that look alike: {shown}"
+
+
+def _alike(a, b):
+    """Whether two labels that are not equal would read as one class."""
+    return a != b and _label_key(a) == _label_key(b)
 
 
 def normalise_labels(records, path):
     """The training file's labels, one spelling per class. Where every label is a whole number,
-    each becomes its integer (01, 1.0 and +1 are all the class 1). Otherwise two labels that
-    differ only in case, Unicode form or how a number is written (True/true, 1/1.0) would be
-    two classes that look like one: refused, naming a row of each."""
+    each becomes its integer (01, 1.0, 1e0 and +1 are all the class 1). Otherwise two labels
+    that differ only in case, in characters that look alike (a Latin a and a Cyrillic а, a
+    full-width letter) or in how a number is written (True/true, 1/1e0) would be two classes
+    that look like one: refused, naming a row of each and the difference. (Unicode forms and
+    invisible characters were made one as the file was read: clean_label.)"""
     whole = [_whole(r.label) for r in records]
     if all(whole):
         for r, label in zip(records, whole):
@@ -301,10 +372,10 @@ def normalise_labels(records, path):
     for r in records:
         other = seen.setdefault(_label_key(r.label), r)
         if other.label != r.label:
-            how = "how the number is written" if _number(r.label) is not None else "case"
             raise DataError(f"{path}: the labels {other.label!r} ({other.where} {other.row}) and "
-                            f"{r.label!r} ({r.where} {r.row}) differ only in {how}, so they "
-                            "would be two classes; write each class one way")
+                            f"{r.label!r} ({r.where} {r.row}) differ only in "
+                            f"{how_labels_differ(other.label, r.label)}, so they would be two "
+                            "classes; write each class one way")
     return records
 
 
@@ -324,8 +395,9 @@ def unknown_label(path, record, class_names, what="is not a class of the trainin
                   fix="fix the label, or add training rows of it"):
     """The error for a row whose label is no class: the classes, and the one it looks like."""
     known = ", ".join(map(repr, class_names))
-    alike = [c for c in class_names if _label_key(c) == _label_key(record.label)]
-    hint = f"; the class is written {alike[0]!r}" if alike else ""
+    alike = [c for c in class_names if _alike(c, record.label)]
+    hint = (f"; the class is written {alike[0]!r} (they differ in "
+            f"{how_labels_differ(alike[0], record.label)})" if alike else "")
     return DataError(f"{path} {record.where} {record.row}: the label {record.label!r} {what} "
                      f"({known}){hint}; {fix}")
 
@@ -334,7 +406,7 @@ def parse_label_names(spec):
     """--label-names 0=ham,1=spam as {label: name} (a whole-number label as its integer)."""
     names = {}
     for part in spec.split(","):
-        label, sep, name = (x.strip() for x in part.partition("="))
+        label, sep, name = (clean_label(x) for x in part.partition("="))
         if not sep or not label or not name:
             raise DataError(f"--label-names {spec!r}: {part.strip()!r} is not LABEL=NAME; write "
                             "it as 0=ham,1=spam")
@@ -344,6 +416,17 @@ def parse_label_names(spec):
                             "each label once")
         names[label] = name
     return names
+
+
+def check_labels_not_names(fixed, spec, labels, source):
+    """Refuse --labels that lists the names --label-names gives instead of the labels the file
+    writes, saying the --labels that was meant."""
+    by_name = {name: label for label, name in parse_label_names(spec).items()}
+    if any(x not in labels and x in by_name for x in fixed):
+        meant = ",".join(x if x in labels else by_name.get(x, x) for x in fixed)
+        raise DataError(f"--labels {','.join(fixed)} lists the names --label-names gives, but "
+                        f"--labels lists the labels as {source} writes them; pass --labels "
+                        f"{meant}")
 
 
 def name_classes(class_names, spec, source):
@@ -453,15 +536,20 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
                         "train on; make their sum less than 1")
     kw = dict(fmt=fmt, text_column=text_column, label_column=label_column)
     train = normalise_labels(read_records(train_file, **kw), train_file)
-    fixed = None if labels is None else [x.strip() for x in labels.split(",")]
+    scored = ("a file of texts without labels is not for training: classify it after training "
+              "with python evaluate.py --run DIR --predict FILE --output OUT; if its labels are "
+              "in another column, pass --label-column NAME")
+    fixed = None if labels is None else [clean_label(x) for x in labels.split(",")]
     if fixed is not None and all(_is_int(r.label) for r in train):
         fixed = [_whole(x) or x for x in fixed]
+    if fixed is not None and label_names:
+        check_labels_not_names(fixed, label_names, {r.label for r in train}, train_file)
     class_names = class_order([r.label for r in train], fixed)
     ids = {name: i for i, name in enumerate(class_names)}
     given = {"train": (train_file, train)}
     for name, path in (("validation", val_file), ("test", test_file)):
         if path is not None:
-            given[name] = (path, read_records(path, **kw))
+            given[name] = (path, read_records(path, **kw, label_fix=scored))
     splits, notes, conflicts = {}, [], []
     for name, (path, records) in given.items():
         for r in records:

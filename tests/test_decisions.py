@@ -4,6 +4,7 @@ it is installed), a known temperature recovered, accuracy unchanged by it, and a
 meets its target on the split that chose it."""
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -332,18 +333,22 @@ def test_assess_after_training_draws_nothing_and_keeps_argmax():
 
 def test_check_target_before_training():
     warned = []
-    assert decisions.check_target(None, None, ["a", "b"], [0, 1], warned.append) is None
-    assert decisions.check_target("precision=0.9", None, ["a", "b"], [0, 1] * 30,
-                                  warned.append) == 1
+
+    def check(target, positive, names, labels):
+        cfg = types.SimpleNamespace(target=target, positive_class=positive)
+        labelled = data.LabelledData({"validation": [(y, "t") for y in labels]}, names)
+        return decisions.check_target(cfg, labelled, warned.append)
+    assert check(None, None, ["a", "b"], [0, 1]) is None
+    assert check("precision=0.9", None, ["a", "b"], [0, 1] * 30) == 1
     assert warned == []
-    assert decisions.check_target("recall=0.9", "A", ["a", "b"], [0, 1] * 5, warned.append) == 0
+    assert check("recall=0.9", "A", ["a", "b"], [0, 1] * 5) == 0
     assert len(warned) == 1 and warned[0].startswith("warning: the validation split has only 5")
     with pytest.raises(ValueError, match="--positive-class NAME"):
-        decisions.check_target("precision=0.9", None, ["a", "b", "c"], [0, 1, 2])
+        check("precision=0.9", None, ["a", "b", "c"], [0, 1, 2])
     with pytest.raises(ValueError, match="not a class of the run"):
-        decisions.check_target(None, "d", ["a", "b", "c"], [0, 1, 2])
+        check(None, "d", ["a", "b", "c"], [0, 1, 2])
     with pytest.raises(ValueError, match="has 0 positive"):
-        decisions.check_target("recall=0.9", "c", ["a", "b", "c"], [0, 1, 1])
+        check("recall=0.9", "c", ["a", "b", "c"], [0, 1, 1])
 
 
 def test_explain_says_what_a_run_gives():

@@ -6,9 +6,14 @@ No GPU has run these tests. What a CPU can check:
   device maths raises; the harness also refuses the one case `meta` lets through (a CPU tensor
   indexed by device indices, which CUDA refuses), counts every read of a device tensor on the
   host (.item(), .tolist(), .cpu(), .numpy(), bool(), float(), ...) and answers it with a
-  placeholder (zeros; True for a truth value, so every check passes), and counts asynchronous
-  copies from unpinned memory. A training step must read nothing back (the host never waits for
-  the device inside a step).
+  placeholder (zeros; True for a truth value, so every check passes), counts asynchronous
+  copies from unpinned memory, counts blocking host-to-device copies by phase (a copy from
+  pageable memory waits for the device's queue on CUDA; the step's batch, which the loaders pin
+  on CUDA, is left out), and records the autocast device and dtype asked and every device named
+  in autocast queries. A training step must read nothing back and copy nothing to the device
+  blocking (the host never waits for the device inside a step). It runs --resume, --keep-best,
+  --early-stopping and --checkpoint-every, and torchrun's class-weighted step with the world
+  and rank monkeypatched.
 - unit tests with CUDA's and MPS's availability, torch's version and the distributed probes
   monkeypatched: the process group's backends, the MPS gate, fused AdamW's devices, contiguous
   q/k/v on MPS, the trunk cache's cap on CUDA, TF32, the fill batch.
@@ -16,8 +21,15 @@ No GPU has run these tests. What a CPU can check:
 What the harness does not cover: the numbers themselves (meta computes none), the kernels a real
 device runs (fused AdamW, autocast and its dtypes, SDPA's backends: `meta` has none of them, so
 AdamW runs its loop over tensors there and runs stay in fp32), CUDA streams and pinned copies
-(the loaders pin only for CUDA), torchrun (tests/test_ddp.py runs it on CPU processes), and the
+(the loaders pin only for CUDA), torchrun's collectives (tests/test_ddp.py runs it on CPU
+processes), and the
 weights written: they are the placeholders' zeros.
+
+Planted device bugs the harness or a test here catches (issue 27.5): an index copied to the
+device with a blocking copy in a step; torch.load of a checkpoint without map_location; the
+autocast asked on another device or dtype; the CUDA generators not restored, or restored for
+GPUs this machine lacks; torchrun's class-weighted step waiting for the device; --tf32 on a
+torch older than 2.9.
 """
 
 import json
@@ -35,6 +47,7 @@ import evaluate
 import files
 import finetune
 import gpt
+import longrun
 import shortcuts
 
 META = torch.device("meta")
@@ -45,6 +58,8 @@ READS = {T.item, T.tolist, T.cpu, T.numpy, T.__bool__, T.__float__, T.__int__, T
          T.__format__, T.__array__}
 # Where a CUDA tensor takes CPU tensors: index tensors into it, and copies.
 MIXING_ALLOWED = {T.__getitem__, T.__setitem__, T.index_put_, T.copy_, T.to}
+# Factories that build a tensor from host data: on a device, a copy from pageable memory.
+FROM_HOST = {torch.tensor, torch.as_tensor, torch.asarray}
 
 
 class FakeDevice(TorchFunctionMode):
@@ -55,14 +70,19 @@ class FakeDevice(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.phase, self.reads, self.unpinned_async, self.device_ops = "set-up", {}, 0, []
+        self.blocking, self.batch = {}, set()  # blocking host-to-device copies; the batch's
+        self.autocast, self.autocast_queries = [], []  # (device type, dtype) asked; devices
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         on_device = any(t.is_meta for t in tensors)
-        to = torch._C._nn._parse_to(*args[1:], **kwargs) if func is T.to else None
+        to_kwargs = {k: v for k, v in kwargs.items() if k != "copy"}  # (.to's own, not parsed)
+        to = torch._C._nn._parse_to(*args[1:], **to_kwargs) if func is T.to else None
         if to is not None and to[2] and args[0].device.type == "cpu" and not args[0].is_pinned():
             self.unpinned_async += 1
+        if self._blocking_copy(func, args, kwargs, to):
+            self.blocking[self.phase] = self.blocking.get(self.phase, 0) + 1
         reading = on_device and args and isinstance(args[0], torch.Tensor) and args[0].is_meta \
             and (func in READS or to is not None and to[0] is not None and to[0].type == "cpu")
         if reading:
@@ -77,6 +97,21 @@ class FakeDevice(TorchFunctionMode):
                 raise RuntimeError(f"a CPU tensor {tuple(mixed[0].shape)} in device maths "
                                    f"({getattr(func, '__name__', func)}): CUDA refuses it")
         return func(*args, **kwargs)
+
+    def _blocking_copy(self, func, args, kwargs, to):
+        """Whether `func` copies host memory to the device, waiting for it: a .to() or copy_()
+        of a CPU tensor that is not the step's batch (pinned on CUDA), or a factory given host
+        data and the device."""
+        if func in FROM_HOST:
+            return torch.device(kwargs.get("device") or "cpu").type == "meta"
+        if func is T.to:
+            src, device, non_blocking = args[0], to[0], to[2]
+        elif func is T.copy_ and isinstance(args[1], torch.Tensor):
+            src, device, non_blocking = args[1], args[0].device, kwargs.get("non_blocking")
+        else:
+            return False
+        return device is not None and device.type == "meta" and src.device.type == "cpu" \
+            and not non_blocking and src.untyped_storage().data_ptr() not in self.batch
 
     @staticmethod
     def _placeholder(func, args):
@@ -96,6 +131,9 @@ class FakeDevice(TorchFunctionMode):
 
     def step_reads(self):
         return self.reads.get("step", 0)
+
+    def step_blocking(self):
+        return self.blocking.get("step", 0)
 
 
 def in_phase(mode, phase, fn):
@@ -119,20 +157,41 @@ def fake_device(monkeypatch):
     monkeypatch.setattr(gpt, "load_gpt", lambda *a, **k: gpt.GPTModel(TINY))
     # autocast knows no meta device: off there (runs on meta stay in fp32)
     enabled, autocast = torch.is_autocast_enabled, torch.autocast
-    monkeypatch.setattr(torch, "is_autocast_enabled",
-                        lambda *a: False if a and str(a[0]) == "meta" else enabled(*a))
-    monkeypatch.setattr(torch, "autocast", lambda device_type, *a, **k: nullcontext()
-                        if str(device_type) == "meta" else autocast(device_type, *a, **k))
+    get_dtype = torch.get_autocast_dtype
+
+    def is_enabled(*a):
+        mode.autocast_queries.append(str(a[0]) if a else "cuda")
+        return False if a and str(a[0]) == "meta" else enabled(*a)
+
+    def asked_dtype(device_type):
+        mode.autocast_queries.append(str(device_type))
+        return get_dtype(device_type)
+
+    def asked(device_type, *a, **k):
+        if k.get("enabled", True):
+            mode.autocast.append((str(device_type), k.get("dtype", a[0] if a else None)))
+        return nullcontext() if str(device_type) == "meta" else autocast(device_type, *a, **k)
+    monkeypatch.setattr(torch, "is_autocast_enabled", is_enabled)
+    monkeypatch.setattr(torch, "get_autocast_dtype", asked_dtype)
+    monkeypatch.setattr(torch, "autocast", asked)
     monkeypatch.setattr(finetune, "plot_history", lambda history, out: [])  # host numbers only
     monkeypatch.setattr(finetune, "train_classifier_simple",
                         in_phase(mode, "step", finetune.train_classifier_simple))
     for name in ("evaluate_model", "calc_accuracy_loader", "check_finite_weights"):
         monkeypatch.setattr(finetune, name, in_phase(mode, "eval", getattr(finetune, name)))
+    # an epoch's end (the whole validation split scored, the best weights kept) and a
+    # checkpoint read the device, as they must: phases of their own
+    monkeypatch.setattr(longrun.LongRun, "epoch_end",
+                        in_phase(mode, "epoch-end", longrun.LongRun.epoch_end))
+    monkeypatch.setattr(longrun.LongRun, "checkpoint",
+                        in_phase(mode, "checkpoint", longrun.LongRun.checkpoint))
     mode.steps = 0
     step = ddp.training_loss_batch
 
     def counted(*args, **kwargs):
         mode.steps += 1
+        # the batch the loader gave: pinned on CUDA, so its copies to the device wait for nothing
+        mode.batch = {t.untyped_storage().data_ptr() for t in args[1:3]}
         return step(*args, **kwargs)
     monkeypatch.setattr(ddp, "training_loss_batch", counted)
     with mode:
@@ -184,6 +243,7 @@ def test_chapters_data_trains_on_a_device_without_reading_it_back(fake_device, t
     assert fake_device.steps == 3  # every training batch of the tiny SMS data
     assert ("step", "linear") in fake_device.device_ops  # the maths did run on the device
     assert fake_device.step_reads() == 0, fake_device.reads
+    assert fake_device.step_blocking() == 0, fake_device.blocking
     assert fake_device.unpinned_async == 0
     assert (out / "run.json").is_file()
 
@@ -196,6 +256,7 @@ def test_own_files_with_batch_padding_train_on_a_device(fake_device, tmp_path, f
                   ["--train-file", own_files(tmp_path), "--epochs", "1", *flags])
     assert fake_device.steps > 0
     assert fake_device.step_reads() == 0, fake_device.reads
+    assert fake_device.step_blocking() == 0, fake_device.blocking
     assert fake_device.unpinned_async == 0
 
 
@@ -411,3 +472,180 @@ def test_the_run_records_tf32(fake_device, tmp_path, sms):
     out = train_on_meta(fake_device, tmp_path, ["--data", sms, "--max-steps", "1",
                                                 "--no-initial-eval"])
     assert json.loads((out / "run.json").read_text())["flags"]["tf32"] is False
+
+
+# ----------------------------------------------------------------------------- issue 27.5
+
+@pytest.mark.parametrize("kind", ["sms", "own"])
+def test_a_short_run_copies_nothing_to_the_device_blocking_in_a_step(fake_device, tmp_path,
+                                                                     sms, kind):
+    """A run shorter than an epoch fills no cache ahead: its steps miss the cache, and a miss
+    must not copy an index to the device (a stream sync per step on CUDA)."""
+    data_args = ["--data", sms] if kind == "sms" else ["--train-file", own_files(tmp_path)]
+    train_on_meta(fake_device, tmp_path, [*data_args, "--max-steps", "1", "--no-initial-eval"])
+    assert fake_device.steps == 1
+    assert fake_device.step_blocking() == 0, fake_device.blocking
+    assert fake_device.step_reads() == 0, fake_device.reads
+
+
+def test_the_harness_counts_blocking_copies_to_the_device():
+    with FakeDevice() as mode:
+        torch.tensor([1, 2]).to(META)
+        torch.tensor([1, 2], device=META)
+        torch.zeros(2, device=META).copy_(torch.ones(2))
+        assert mode.blocking == {"set-up": 3}
+        mode.batch = {(batch := torch.ones(2)).untyped_storage().data_ptr()}
+        batch.to(META)  # the loader's batch: pinned on CUDA
+        assert mode.blocking == {"set-up": 3}
+
+
+@pytest.mark.parametrize("rows", [[0], [3], [0, 1, 2, 3], [1, 2], [0, 2, 3], [0, 3], [1, 3]])
+def test_picking_the_missed_rows_needs_no_index_from_the_host(rows):
+    t = torch.arange(4 * 3).reshape(4, 3)
+    with FakeDevice() as mode:
+        picked = shortcuts.pick_rows(t.to(META), rows)
+        assert mode.blocking == {"set-up": 1}  # t's own copy, nothing else
+    assert picked.shape == (len(rows), 3)
+    assert torch.equal(shortcuts.pick_rows(t, rows), t[rows])
+
+
+@pytest.mark.parametrize("flags", [
+    ["--keep-best", "val_loss", "--early-stopping", "1", "--epochs", "3"],
+    ["--keep-best", "val_accuracy", "--epochs", "2"],
+    ["--checkpoint-every", "1", "--epochs", "1"],
+], ids=" ".join)
+def test_long_runs_train_on_a_device(fake_device, tmp_path, sms, flags):
+    out = train_on_meta(fake_device, tmp_path, ["--data", sms, "--no-initial-eval", *flags])
+    assert fake_device.steps >= 3
+    assert fake_device.step_reads() == 0, fake_device.reads
+    assert fake_device.step_blocking() == 0, fake_device.blocking
+    assert fake_device.unpinned_async == 0
+    assert (out / "run.json").is_file()
+
+
+def test_resume_on_a_device_loads_the_checkpoint_onto_the_cpu(fake_device, tmp_path, sms,
+                                                              monkeypatch):
+    """A run stopped after its first checkpoint, resumed on the device. torch.load without
+    map_location would put a GPU checkpoint's tensors on the GPU they were saved from (cuda:0
+    under torchrun's every rank), or fail on a machine without it."""
+    write, written = files.write_atomic, []
+
+    def stop_after_checkpoint(path, data, sync=False):
+        write(path, data, sync)
+        if path.name == files.CHECKPOINT:
+            written.append(path)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(files, "write_atomic", stop_after_checkpoint)
+    with pytest.raises(SystemExit):
+        train_on_meta(fake_device, tmp_path, ["--data", sms, "--no-initial-eval", "--epochs",
+                                              "2", "--checkpoint-every", "1"])
+    assert written and (tmp_path / "run" / files.CHECKPOINT).is_file()
+    monkeypatch.setattr(files, "write_atomic", write)
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or load(*a, **k))
+    fake_device.steps, fake_device.reads, fake_device.blocking = 0, {}, {}
+    finetune.main(["--resume", str(tmp_path / "run")])
+    assert loads and all(k.get("map_location") == "cpu" for k in loads)
+    assert fake_device.steps == 5  # 6 steps in all, the first before the checkpoint
+    assert fake_device.step_reads() == 0, fake_device.reads
+    assert fake_device.step_blocking() == 0, fake_device.blocking
+    assert (tmp_path / "run" / "run.json").is_file()
+
+
+def test_autocast_is_asked_on_the_runs_device_in_its_precision(fake_device, tmp_path, sms):
+    train_on_meta(fake_device, tmp_path, ["--data", sms, "--max-steps", "2", "--precision",
+                                          "bf16", "--no-initial-eval"])
+    assert fake_device.autocast and set(fake_device.autocast) == {("meta", torch.bfloat16)}
+    assert set(fake_device.autocast_queries) <= {"meta"}, fake_device.autocast_queries
+
+
+def test_fp32_asks_no_autocast(fake_device, tmp_path, sms):
+    train_on_meta(fake_device, tmp_path, ["--data", sms, "--max-steps", "1", "--no-initial-eval"])
+    assert fake_device.autocast == []
+    assert set(fake_device.autocast_queries) <= {"meta"}, fake_device.autocast_queries
+
+
+def fake_gpus(monkeypatch, count):
+    """CUDA with `count` GPUs, as far as the random generators go: {device: state} restored."""
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": restored.__setitem__(device, state))
+
+    def set_all(states):  # as torch: one generator per state given, IndexError past the GPUs
+        if len(states) > count:
+            raise IndexError("tuple index out of range")
+        restored.update(enumerate(states))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    return restored
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_a_resume_restores_the_cuda_generators_there_are(monkeypatch, count):
+    state = longrun.rng_state()
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
+    restored = fake_gpus(monkeypatch, count)
+    longrun.set_rng_state({**state, "cuda": saved})
+    assert sorted(restored) == list(range(min(count, 2)))
+    assert all(torch.equal(restored[i], saved[i]) for i in restored)
+    note = longrun.gpus_note({"point": {"rng": {"cuda": saved}}})
+    assert (note is None) == (count >= 2)
+    if note:
+        assert note.startswith("note: the run saved the random generators of 2 GPUs and this "
+                               "machine has 1; those of the first 1 are restored")
+
+
+def test_torchrun_weighs_a_class_weighted_step_without_waiting(monkeypatch):
+    """Under torchrun each process's share is scaled by the whole batch's weight sum: added up
+    on the host from the batch every process holds, with no collective and no device read."""
+    torch.manual_seed(0)
+    model = gpt.Classifier(gpt.add_classification_head(gpt.GPTModel(TINY), 3))
+    ids, labels = torch.randint(0, 50000, (6, 5)), torch.tensor([0, 2, 1, 2, 2, 0])
+    weight = torch.tensor([1.0, 3.0, 0.5])
+    monkeypatch.setattr(ddp, "sum_over_ranks", lambda *v: pytest.fail("a collective in a step"))
+    monkeypatch.setattr(ddp, "world", lambda: 2)
+    shares = []
+    for r in (0, 1):
+        monkeypatch.setattr(ddp, "rank", lambda r=r: r)
+        shares.append(ddp.training_loss_batch(finetune.calc_loss_batch, ids, labels, model,
+                                              "cpu", -100, weight, weight))
+    whole = torch.nn.functional.cross_entropy(model(ids), labels, weight=weight)
+    assert torch.allclose(sum(shares) / 2, whole)  # what DDP's average of the gradients sees
+
+
+def test_torchrun_class_weighted_training_reads_nothing_back_in_a_step(fake_device, tmp_path,
+                                                                       sms, monkeypatch):
+    """finetune.py's path with world 2 (rank 0) monkeypatched: DDP and the collectives of the
+    evaluations stand in; a step must not wait for the device."""
+    monkeypatch.setattr(ddp, "world", lambda: 2)
+    monkeypatch.setattr(ddp, "rank", lambda: 0)
+    monkeypatch.setattr(ddp, "wrap", lambda module, device: module)
+    collectives = []
+
+    def sum_over_ranks(*values):  # the other process holding as much (placeholders: 1)
+        collectives.append(fake_device.phase)
+        return tuple(2 * float(v) or 1.0 for v in values)
+    monkeypatch.setattr(ddp, "sum_over_ranks", sum_over_ranks)
+    train_on_meta(fake_device, tmp_path, ["--data", sms, "--epochs", "1", "--class-weights",
+                                          "1,3", "--no-initial-eval"])
+    assert fake_device.steps == 3
+    assert "step" not in collectives
+    assert fake_device.step_reads() == 0, fake_device.reads
+    assert fake_device.step_blocking() == 0, fake_device.blocking
+
+
+@pytest.mark.parametrize("version, attribute", [("2.5.1", "allow_tf32"),
+                                                ("2.9.0", "fp32_precision")])
+def test_tf32_on_a_torch_before_and_after_2_9(monkeypatch, version, attribute):
+    class Matmul:  # as torch's cuBLAS module: an attribute it lacks cannot be set
+        __slots__ = ("allow_tf32",) if attribute == "allow_tf32" else ("fp32_precision",)
+    matmul = Matmul()
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(ddp, "select_device", lambda name="auto": torch.device("cuda"))
+    monkeypatch.setattr(files, "plan_output_dir", lambda cfg: (_ for _ in ()).throw(
+        ValueError("stop here")))
+    with pytest.raises(SystemExit, match="stop here"):
+        finetune.main(["--tf32", "--device", "cuda"])
+    assert getattr(matmul, attribute) in (True, "tf32")

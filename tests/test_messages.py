@@ -13,13 +13,17 @@ import re
 import shutil
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
+import torch
 
 import data
 import evaluate
 import finetune
 import gpt
+import serve
+import tables
 
 
 def sms_lines(n_ham=100, n_spam=40):
@@ -458,3 +462,74 @@ def test_no_progress_bar_off_a_terminal(small_run, sms_file, capsys):
     evaluate.main(["--run", str(run_dir), "--all-splits", "--data", str(sms_file)])
     captured = capsys.readouterr()
     assert "Evaluating" not in captured.err + captured.out
+
+
+# ----------------------------------------------------------------------------- issue 27.4
+
+def own_csv(path, rows, header="text,label"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def two_class_rows(n=12, labels=("0", "1")):
+    return [f"text number {i} about {'cats' if i % 2 else 'dogs'},{labels[i % 2]}"
+            for i in range(n)]
+
+
+def main_error(args):
+    """finetune.main's one `error:` line for `args`."""
+    with pytest.raises(SystemExit) as e:
+        finetune.main(list(map(str, args)))
+    return one_error_line(e)
+
+
+def test_final_splits_naming_a_split_the_run_lacks_is_one_error_line(tmp_path, tiny_weights):
+    train = own_csv(tmp_path / "train.csv", two_class_rows())
+    val = own_csv(tmp_path / "val.csv", two_class_rows(4))
+    line = main_error(["--weights", tiny_weights, "--train-file", train, "--val-file", val,
+                       "--output-dir", tmp_path / "run", "--device", "cpu", "--final-splits",
+                       "test", "--no-initial-eval", "--max-steps", "1"])
+    assert line.startswith("error: --final-splits test names test, which this run does not have "
+                           "(its splits: train, validation); name only those, or pass all")
+    assert not (tmp_path / "run").exists()  # refused before training, not after
+
+
+def test_labels_given_as_label_names_say_the_labels_meant(tmp_path, tiny_weights):
+    train = own_csv(tmp_path / "train.csv", two_class_rows())
+    line = main_error(["--weights", tiny_weights, "--train-file", train, "--label-names",
+                       "0=ham,1=spam", "--labels", "spam,ham", "--output-dir", tmp_path / "run",
+                       "--device", "cpu"])
+    assert line.startswith(f"error: --labels spam,ham lists the names --label-names gives, but "
+                           f"--labels lists the labels as {train} writes them; pass --labels 1,0")
+    assert tables.file_data(train, labels="1,0", label_names="0=ham,1=spam").class_names == \
+        ["spam", "ham"]
+
+
+def test_a_test_file_without_labels_points_to_predict(tmp_path, tiny_weights):
+    train = own_csv(tmp_path / "train.csv", two_class_rows())
+    texts = own_csv(tmp_path / "texts.csv", ["a text to classify", "another"], header="text")
+    line = main_error(["--weights", tiny_weights, "--train-file", train, "--test-file", texts,
+                       "--output-dir", tmp_path / "run", "--device", "cpu"])
+    assert line.startswith(f"error: {texts} has no label column 'label' (its columns: 'text'); "
+                           "a file of texts without labels is not for training: classify it "
+                           "after training with python evaluate.py --run DIR --predict FILE "
+                           "--output OUT")
+    assert "--output OUT; if its labels are in another column, pass --label-column NAME" in line
+
+
+def test_end_of_text_inside_a_served_text_is_classified_as_text():
+    tokenizer = data.get_tokenizer()
+    text = "a special <|endoftext|> token"
+    assert data.PAD_ID not in data.encode(text, tokenizer, pad=False)  # ordinary tokens
+    torch.manual_seed(0)
+    cfg = gpt.GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1)
+    model = gpt.add_classification_head(gpt.GPTModel(cfg), 2)
+    info = {"class_names": ["ham", "spam"], "max_length": 16, "padding": True, "batch_size": 8,
+            "pad_id": data.PAD_ID, "token_position": "last"}
+    classifier = evaluate.inference_classifier(model, info)
+    probs, truncated = serve.class_probabilities([text], classifier, tokenizer, info,
+                                                 torch.device("cpu"), evaluate.predict_proba)
+    assert list(probs[0]) == ["ham", "spam"] and truncated == [False]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text("utf-8")
+    assert "(`<|endoftext|>`)" not in page  # the 400 it promised never comes
+    assert "`<|endoftext|>` inside a text is read as those 13 characters" in page

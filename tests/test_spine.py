@@ -26,13 +26,15 @@ ALLOWED = {
     "shortcuts": {"gpt", "ddp", "files"}, "longrun": {"config", "files"},
     "finetune": {"config", "data", "datacheck", "ddp", "decisions", "files", "gpt", "longrun",
                  "shortcuts", "tables"},
-    "evaluate": {"baseline", "data", "ddp", "decisions", "files", "gpt", "shortcuts", "serve",
-                 "tables"},
+    "evaluate": {"baseline", "data", "ddp", "decisions", "export", "files", "gpt", "shortcuts",
+                 "serve", "tables"},
     "serve": {"data", "ddp", "decisions", "files", "gpt", "shortcuts", "evaluate"},
     "experiments": {"config", "data", "files", "finetune", "gpt"},
+    "export": {"data", "files", "gpt"},
 }
 # The most lines a module may grow to before it should be split by concern.
 MAX_LINES = 800
+
 
 def tree(name):
     return ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8"))
