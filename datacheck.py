@@ -138,7 +138,7 @@ def report_lines(report):
     for e in c["examples"][:SHOWN]:
         lines.append(f"    {e['text']}  ({_places(e['labels'], '')})")
     for f in report.get("files", []):
-        lines.append(f"  {f['file']}: {f['texts']:,} texts under two labels, by row:")
+        lines.append(f"  {f['file']}: {_count(f['texts'], 'text')} under two labels, by row:")
         for e in f["examples"][:SHOWN]:
             lines.append(f"    {e['text']}  ({_places(e['labels'], 'rows ')})")
     return lines
