@@ -17,6 +17,7 @@ import torch
 
 import data
 import ddp
+import decisions
 import gpt
 import tables
 
@@ -32,6 +33,8 @@ def option(default=None, help="", *, flags=None, group=None, **argparse_kw):
 
 OWN = "your own labelled data (instead of the SMS data)"
 LONG = "long runs: checkpoints, resuming, the best epoch, stopping early"
+DECIDE = ("decisions: the data check, calibration, a threshold for a target, a baseline "
+          "(docs/decisions.md)")
 
 # Own files with more training rows than this leave the training split out of the final pass
 # by default: on a 60,000-row file it took 4.6 of a 4.8-minute --max-steps 1 run.
@@ -167,6 +170,26 @@ class TrainConfig:
                                  "(and on CUDA cuBLAS's fixed workspace), so that a run and its "
                                  "resumed form give the same bits on GPUs too, where kernels may "
                                  "otherwise add in any order; slower (on a CPU nothing changes)")
+    check_data: bool = option(False, group=DECIDE, help="check the data alone and train "
+                              "nothing: duplicates in each split, the same text in two splits, "
+                              "the same text under two labels, empty, one-token and cut texts, "
+                              "class shares (every run prints a line of it and keeps the whole "
+                              "in data-check.json)")
+    dedup: bool = option(False, group=DECIDE, help="your own files: drop exact duplicates (the "
+                         "same text, whitespace and case aside, with the same label) from each "
+                         "file before the split, keeping the first")
+    target: str = option(group=DECIDE, metavar="precision=X|recall=X|fpr=X", help="choose the "
+                         "decision threshold on the validation split's calibrated "
+                         "probabilities that meets this for the positive class, X in (0, 1]; "
+                         "evaluate.py and the server decide by it (default: none, the most "
+                         "probable class)")
+    positive_class: str = option(group=DECIDE, metavar="NAME", help="the class --target is "
+                                 "about (default: the second class, the SMS data's spam; "
+                                 "needed with more than two classes)")
+    baseline: bool = option(True, flags=("--no-baseline",), action="store_false",
+                            group=DECIDE, help="skip the baseline (word TF-IDF + logistic "
+                            "regression on the same training split) printed beside the "
+                            "model's test scores at the end")
 
     def __post_init__(self):
         check_types(self)  # made in Python: checked as argparse checks the command line
@@ -286,6 +309,15 @@ def check_config(cfg):
         raise ValueError(f"--final-splits {cfg.final_splits}: give all, or some of "
                          "train,validation,test separated by commas (such as validation,test)")
     class_weight_values(cfg.class_weights)  # refuses a malformed list early
+    if cfg.target is not None:
+        decisions.parse_target(cfg.target)  # a malformed target is refused before anything
+    elif cfg.positive_class is not None:
+        raise ValueError("--positive-class goes with --target (the class the target is "
+                         "about); give --target precision=X, recall=X or fpr=X too")
+    if cfg.dedup and cfg.train_file is None:
+        raise ValueError("--dedup drops duplicates from your own files (--train-file); the "
+                         "chapter's SMS split is never changed (--check-data reports its "
+                         "duplicates)")
 
 
 def data_choices(cfg):

@@ -250,6 +250,7 @@ class LabelledData:
     class_names: list
     notes: list = field(default_factory=list)
     source: dict = None  # where the rows came from: {"path", "sha256"} (and "files": own files)
+    conflicts: list = field(default_factory=list)  # own files: texts under two labels, by row
 
 
 def sms_data(data=None, cache=None):

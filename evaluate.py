@@ -20,16 +20,20 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import baseline
 import data
 import ddp
+import decisions
 import export
 import files
 import gpt
 import serve
 import shortcuts
 import tables
+from decisions import class_scores  # (finetune.py's baseline line uses it too)
 
 
 def predictions(data_loader, model, device):
@@ -43,32 +47,36 @@ def predictions(data_loader, model, device):
     return labels, predicted
 
 
-def class_scores(labels, predicted, class_names):
-    """Accuracy, macro- and weighted-F1, per-class precision / recall / F1 / support, and the
-    N x N confusion matrix (rows: true class, columns: predicted class), as a dict."""
-    n_classes = len(class_names)
-    confusion = [[0] * n_classes for _ in range(n_classes)]
-    for t, p in zip(labels, predicted):
-        confusion[t][p] += 1
-    per_class = {}
-    for c, name in enumerate(class_names):
-        tp = confusion[c][c]
-        predicted_c = sum(row[c] for row in confusion)
-        support = sum(confusion[c])
-        precision = tp / predicted_c if predicted_c else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1,
-                           "support": support}
-    total = len(labels)
-    seen = set(labels) | set(predicted)  # as scikit-learn: classes in truth or predictions
-    present = [per_class[name] for c, name in enumerate(class_names) if c in seen]
-    return {
-        "examples": total,
-        "accuracy": sum(confusion[c][c] for c in range(n_classes)) / total if total else 0.0,
-        "macro_f1": sum(v["f1"] for v in present) / len(present) if present else 0.0,
-        "weighted_f1": sum(v["f1"] * v["support"] for v in present) / total if total else 0.0,
-        "per_class": per_class, "confusion": confusion}
+def labels_and_logits(data_loader, model, device):
+    """(labels (N,), logits (N, C) float64) over the whole loader, as numpy arrays."""
+    model.eval()
+    labels, logits = [], []
+    with torch.no_grad():
+        for input_batch, target_batch in data_loader:
+            logits.append(model(input_batch.to(device)).float().cpu().numpy())
+            labels += target_batch.tolist()
+    return (np.asarray(labels, dtype=np.int64),
+            np.concatenate(logits).astype(np.float64) if logits else np.zeros((0, 1)))
+
+
+def temperature(info):
+    """The run's calibration temperature (1.0 for a run made without one)."""
+    return (info.get("calibration") or {}).get("temperature", 1.0)
+
+
+def split_scores(labels, logits, info):
+    """class_scores of the argmax (which no temperature changes), with the scores beyond
+    accuracy under the run's temperature ("scores") and, where the run has a decision, the
+    positive class's rates at its threshold beside argmax's ("decision")."""
+    names = info["class_names"]
+    if not len(labels):
+        return class_scores([], [], names)
+    result = class_scores(labels.tolist(), logits.argmax(axis=1).tolist(), names)
+    result["scores"] = decisions.probability_scores(logits, labels, temperature(info))
+    if info.get("decision"):
+        result["decision"] = decisions.at_threshold(logits, labels, names, info["decision"],
+                                                    temperature(info))
+    return result
 
 
 ECHO_CHARS = 60  # how much of a text that was cut is echoed back
@@ -168,9 +176,10 @@ def text_loader(rows, info, tokenizer, batch_size=None):
 def predict_proba(texts, classifier, info, device, tokenizer=None, batch_size=None):
     """Class probabilities of each text: a list of {class name: probability}, in class order.
 
-    Texts are encoded, cut and padded as in training (the run's max_length and padding). This is
-    the one classifying function: --text, --stdin, --predict and serving all call it. A single
-    string is one text (a list of one comes back), never a list of its characters."""
+    Texts are encoded, cut and padded as in training (the run's max_length and padding), and
+    the probabilities calibrated by the run's temperature where it has one. This is the one
+    classifying function: --text, --stdin, --predict and serving all call it. A single string
+    is one text (a list of one comes back), never a list of its characters."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
@@ -183,7 +192,10 @@ def predict_proba(texts, classifier, info, device, tokenizer=None, batch_size=No
     classifier.eval()
     with torch.no_grad():
         for ids, _ in text_loader([(0, t) for t in texts], info, tokenizer, batch_size):
-            probs = torch.softmax(classifier(ids.to(device)), dim=-1).cpu().tolist()
+            logits = classifier(ids.to(device))
+            if "calibration" in info:  # the run's temperature: the same argmax, truer odds
+                logits = logits.float() / temperature(info)
+            probs = torch.softmax(logits, dim=-1).cpu().tolist()
             out += [dict(zip(names, row)) for row in probs]
     return out
 
@@ -208,9 +220,9 @@ def classify_review(text, classifier, tokenizer, device, info):
 
 
 def scores_of(rows, classifier, info, device, tokenizer):
-    """class_scores of the classifier over (label id, text) rows."""
-    labels, predicted = predictions(text_loader(rows, info, tokenizer), classifier, device)
-    return class_scores(labels, predicted, info["class_names"])
+    """split_scores of the classifier over (label id, text) rows."""
+    return split_scores(*labels_and_logits(text_loader(rows, info, tokenizer), classifier,
+                                           device), info)
 
 
 def run_data(info, data_path=None):
@@ -265,9 +277,10 @@ def load_run_data(info, data_path=None):
     return rows
 
 
-def evaluate_splits(classifier, info, device, data_path=None):
-    """class_scores over the whole of each of the run's splits ({split name: scores})."""
-    splits = run_data(info, data_path).splits
+def evaluate_splits(classifier, info, device, data_path=None, splits=None):
+    """split_scores over the whole of each of the run's splits ({split name: scores});
+    `splits`: the run's rows where the caller has read them already (run_data)."""
+    splits = splits or run_data(info, data_path).splits
     tokenizer = data.get_tokenizer()
     loaders = {}
     for name, rows in splits.items():
@@ -279,8 +292,8 @@ def evaluate_splits(classifier, info, device, data_path=None):
     total = sum(len(loader) for loader in loaders.values())
     with files.progress(total=total, desc="Evaluating every split", unit="batch") as bar:
         for name, loader in loaders.items():
-            labels, predicted = predictions(files.Ticking(loader, bar), classifier, device)
-            results[name] = class_scores(labels, predicted, info["class_names"])
+            results[name] = split_scores(*labels_and_logits(files.Ticking(loader, bar),
+                                                            classifier, device), info)
     return results
 
 
@@ -370,6 +383,22 @@ def print_scores(results, class_names):
             print(f"{c:<{cw}}" + "".join(f" {v:>{cw}}" for v in row))
 
 
+def print_decisions(results, info, measured=None):
+    """After print_scores: the scores beyond accuracy, the rates at the run's threshold beside
+    argmax's, and the baseline's line (`measured`: baseline.run's result)."""
+    scored = {name: r["scores"] for name, r in results.items() if "scores" in r}
+    if scored:
+        print()
+        print("\n".join(decisions.score_table(scored, "calibration" in info)))
+    if info.get("decision"):
+        print("\n".join(decisions.threshold_table(
+            {name: r["decision"] for name, r in results.items() if "decision" in r},
+            info["decision"])))
+    if measured:
+        split = "test" if "test" in measured["splits"] else "validation"
+        print(baseline.comparison_line(measured, results[split], split))
+
+
 def output_format(out_path):
     """csv, tsv or jsonl: the format --predict writes, from --output's extension."""
     ext = Path(out_path).suffix.lower().lstrip(".")
@@ -380,8 +409,9 @@ def output_format(out_path):
 
 
 def write_predictions(path, out_path, classifier, info, device, args):
-    """For each row of `path`: its row id, the predicted class name and one probability column
-    per class name, written to `out_path` (.csv, .tsv or .jsonl by its extension), atomically."""
+    """For each row of `path`: its row id, the predicted class name (with the run's --target,
+    the decision at its threshold beside it) and one probability column per class name, written
+    to `out_path` (.csv, .tsv or .jsonl by its extension), atomically."""
     fmt, text_column, _ = run_columns(info, args)
     out_fmt = output_format(out_path)
     if out_fmt == "tsv" and any(set(n) & set("\t\r\n") for n in info["class_names"]):
@@ -398,18 +428,21 @@ def write_predictions(path, out_path, classifier, info, device, args):
     step = 256
     for i in range(0, len(texts), step):  # a bounded batch of texts at a time
         probs += predict_proba(texts[i:i + step], classifier, info, device)
-    names = info["class_names"]
+    names, decision = info["class_names"], info.get("decision")
+    decided = [[decisions.decide(p, names, decision)] if decision else [] for p in probs]
     buf = io.StringIO(newline="")
     if out_fmt == "jsonl":
-        for r, p in zip(records, probs):
+        for r, p, d in zip(records, probs, decided):
             buf.write(json.dumps({r.where: r.row, "predicted": top_k(p)[0][0],
+                                  **({"decision": d[0]} if d else {}),
                                   "probabilities": p}, ensure_ascii=False) + "\n")
     else:
         tsv = {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "quotechar": None}  # as read
         writer = csv.writer(buf, lineterminator="\n", **(tsv if out_fmt == "tsv" else {}))
-        writer.writerow([records[0].where, "predicted", *names])
-        for r, p in zip(records, probs):
-            writer.writerow([r.row, top_k(p)[0][0], *(f"{p[n]:.6f}" for n in names)])
+        writer.writerow([records[0].where, "predicted", *(["decision"] if decision else []),
+                         *names])
+        for r, p, d in zip(records, probs, decided):
+            writer.writerow([r.row, top_k(p)[0][0], *d, *(f"{p[n]:.6f}" for n in names)])
     files.write_atomic(out_path, buf.getvalue().encode("utf-8"))
     return len(records)
 
@@ -450,6 +483,9 @@ def main(argv=None):
                    "(default: the run's)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
                    help="where to run (default: cpu)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="with --all-splits, skip the baseline (word TF-IDF + logistic "
+                   "regression, trained again on the run's training split)")
     p.add_argument("--export", nargs=2, metavar=("hf|onnx", "OUT"),
                    help="write the run for other tools: hf, a folder OUT that transformers "
                    "loads (GPT2ForSequenceClassification, tokenizer, model card); onnx, a file "
@@ -496,9 +532,15 @@ def main(argv=None):
             return serve.serve(args.run, classifier, info, device, predict_proba, serving)
         names = info["class_names"]
         report = {}
+        if (args.predict or texts) and decisions.explain(info):
+            print(decisions.explain(info), file=sys.stderr)
         if args.all_splits:
-            report["splits"] = evaluate_splits(classifier, info, device, args.data)
+            splits = run_data(info, args.data).splits
+            report["splits"] = evaluate_splits(classifier, info, device, splits=splits)
             print_scores(report["splits"], names)
+            if args.baseline:
+                report["baseline"] = baseline.run(splits, names, class_scores)
+            print_decisions(report["splits"], info, report.get("baseline"))
         for path in args.file:
             scores = evaluate_file(path, classifier, info, device, args)
             report.setdefault("files", {})[str(path)] = scores
@@ -506,6 +548,7 @@ def main(argv=None):
                 print()
             print(f"{path}: {scores['examples']} rows")
             print_scores({Path(path).name: scores}, names)
+            print_decisions({Path(path).name: scores}, info)
         if args.json:
             files.write_json(args.json, {"run": str(args.run), "class_names": names, **report})
         if args.predict:
@@ -517,6 +560,8 @@ def main(argv=None):
                                if texts else []):
             shown = "  ".join(f"{name:<{width}}  {prob:.4f}"
                               for name, prob in top_k(probs, args.top_k))
+            if info.get("decision"):  # the decision first, then the probabilities
+                shown = f"{decisions.decide(probs, names, info['decision']):<{width}}  {shown}"
             print(f"{shown}  {echo(text, tokenizer, info, classifier.gpt.cfg.context_length)}")
     except (ValueError, files.RunError, data.DataError, gpt.WeightsError) as e:
         sys.exit(f"error: {e}")

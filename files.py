@@ -315,7 +315,7 @@ CHECKPOINT = "checkpoint.pt"
 # replaces a folder only when it holds nothing else.
 RUN_FILES = {"run.json", "log.txt", "metrics.json", "model.safetensors", "trained.safetensors",
              "loss-plot.pdf", "loss-plot.png", "accuracy-plot.pdf", "accuracy-plot.png",
-             CHECKPOINT}
+             "reliability-plot.pdf", "reliability-plot.png", "data-check.json", CHECKPOINT}
 
 
 class RunFailed(Exception):

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+import datacheck
 import ddp
+import decisions
 import files
 import gpt
 import longrun
@@ -505,22 +507,22 @@ def final_accuracies(classifier, loaders, device):
     return final
 
 
-def save_run(work, out, folder, model, base, cfg, history, final, run_info, timing):
+def save_run(work, out, folder, model, base, cfg, history, final, run_info, timing, record):
     """Step 7: the run folder's files, the weights (what matters most) first; run.json last."""
     weights_file, tensors = weights_to_save(model, base)
     bad = gpt.nonfinite(tensors)
     if bad:
         raise diverged(f"the weight {bad[0]} holds NaN or infinite values",
                        history["steps"] - 1, cfg.epochs - 1, cfg)
-    metrics = {"history": history, "final_accuracy": final, **timing,
-               "processes": ddp.world(), "torch": torch.__version__, "run_id": folder.run_id}
-    info = {"model": asdict(model.cfg), **run_info, "flags": asdict(cfg),
-            "weights_file": weights_file,
+    metrics = {"history": history, "final_accuracy": final, **timing, "processes": ddp.world(),
+               "torch": torch.__version__, "run_id": folder.run_id, **decisions.measured(record)}
+    info = {"model": asdict(model.cfg), **run_info, **decisions.decided(record),
+            "flags": asdict(cfg), "weights_file": weights_file,
             "base": base if weights_file == "trained.safetensors" else None,
             "run_id": folder.run_id}
 
     def plots(folder):
-        return plot_history(history, folder)
+        return plot_history(history, folder) + decisions.write_files(record, folder)
     try:
         files.write_run(work, tensors, metrics, info, plots)
     except OSError as e:  # a full disk, say: the trained model is saved elsewhere if it can
@@ -540,6 +542,10 @@ def run(cfg, given=None):
     cfg, resume = longrun.start(cfg, given)  # a Fresh start unless --resume
     check_config(cfg)
     position, ctx = data_choices(cfg)
+    if cfg.check_data:  # the data check's whole report alone: nothing trained, no run folder
+        labelled = load_data(cfg)
+        return print(datacheck.full_report(labelled, make_datasets(
+            cfg, labelled.splits, gpt.context_of(cfg.weights), ctx)[0]))
     device = ddp.device_for_rank(ddp.select_device(cfg.device))  # torchrun: LOCAL_RANK's GPU
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
@@ -562,6 +568,7 @@ def run(cfg, given=None):
               f"{', deterministic algorithms' if cfg.deterministic else ''})")
         labelled = load_data(cfg)  # 1
         splits, class_names = labelled.splits, labelled.class_names
+        positive = decisions.check_target(cfg, labelled, warn=print)  # --target: can it be?
         host_weight = class_weights(cfg.class_weights, [y for y, _ in splits["train"]],
                                     class_names)
         # on the device: every loss, from the first, uses it
@@ -573,6 +580,7 @@ def run(cfg, given=None):
         final_names, said = final_splits(cfg, datasets)  # (refused now, not after training)
         torch.manual_seed(cfg.seed)  # 4: the loaders (the chapter's order; they draw later)
         loaders = make_loaders(cfg, datasets, class_names, device)
+        report = datacheck.check_run(labelled, datasets, say=print)  # 4b: it only warns
         torch.manual_seed(cfg.seed)  # 5: freeze, new head (drawn here), unfreeze
         gpt.setup_classifier(model, len(class_names), cfg.trainable_layers,
                              cfg.lora_rank, cfg.lora_alpha)
@@ -644,6 +652,8 @@ def run(cfg, given=None):
         final = final_accuracies(classifier, {n: loaders[n] for n in final_names}, device)
         if not ddp.is_main():
             return None  # rank 0 writes the run folder
+        record = decisions.after_training(classifier, datasets, device, cfg, labelled,  # 6b
+                                          positive, final_names, dropped, report)
         run_info = {
             "num_classes": len(class_names), "class_names": class_names,
             "max_length": datasets["train"].max_length, "pad_id": data.PAD_ID, "padding": pad,
@@ -654,7 +664,8 @@ def run(cfg, given=None):
             "data": labelled.source, **({"best_epoch": best} if best else {})}
         timing = {"train_minutes": train_minutes, "total_minutes": (time.time() - start) / 60,
                   "device": str(device), "device_name": ddp.device_name(device)}
-        save_run(work, out, folder, model, base, cfg, history, final, run_info, timing)  # 7
+        save_run(work, out, folder, model, base, cfg, history, final, run_info, timing,
+                 record)  # 7: the decisions' record (step 6b) goes to run.json and metrics.json
     return out
 
 

@@ -538,6 +538,15 @@ def is_random(weights):
     return name == "random" or name.startswith("random-") and name[7:] in PRESETS
 
 
+def context_of(weights):
+    """The context length --weights gives, without loading them: 1024 for OpenAI's GPT-2 of
+    every size (and their random forms), else the folder's config.json."""
+    name = ALIASES.get(str(weights).lower(), str(weights).lower())
+    if is_random(weights) or name in PRESETS:
+        return GPTConfig().context_length
+    return config_from_hf(Path(weights) / "config.json").context_length
+
+
 def weights_folder(weights, cache=None):
     """The Hugging Face-format folder of a preset (downloaded once) or a folder given as is."""
     name = ALIASES.get(str(weights).lower(), str(weights).lower())

@@ -24,7 +24,8 @@ from config import TrainConfig, flag_name
 # What a checkpoint holds changes with this number; --resume refuses a checkpoint of another.
 CHECKPOINT_FORMAT = 1
 # Flags a resumed run may be given anew: they change when it writes, not what it computes.
-ON_RESUME = {"resume", "output_dir", "checkpoints", "checkpoint_every", "final_splits"}
+ON_RESUME = {"resume", "output_dir", "checkpoints", "checkpoint_every", "final_splits",
+             "target", "positive_class", "baseline"}  # (and what is decided after training)
 
 METRICS = {"val_loss": "validation loss", "val_accuracy": "validation accuracy"}
 

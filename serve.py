@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import data
+import decisions
 
 MAX_TEXTS = 64  # texts in one request
 MAX_BODY = 1 << 20  # 1 MiB: a request's body
@@ -433,9 +434,16 @@ class ServeHandler(http.server.BaseHTTPRequestHandler):
                                                    lock=srv.model_lock)
         except ValueError as e:
             raise RequestError(400, str(e)) from None
+        info = srv.info
+        decision = info.get("decision")
+        cal = info.get("calibration")
         self._send_json(200, {"predictions": [
-            {"label": max(p, key=p.get), "probabilities": p, "truncated": cut}
-            for p, cut in zip(probs, truncated)]})
+            {"label": decisions.decide(p, info["class_names"], decision), "probabilities": p,
+             "truncated": cut} for p, cut in zip(probs, truncated)],
+            # how the probabilities and labels were made (docs/decisions.md)
+            "calibrated": {"temperature": cal["temperature"]} if cal else False,
+            **({"decision": {k: decision[k] for k in ("positive_class", "threshold", "target")}}
+               if decision else {})})
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a malformed request line or header), as JSON."""

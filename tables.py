@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+import datacheck
 import files
 from data import SEED, SPLITS, LabelledData, sms_data
 from files import DataError, check_file
@@ -509,10 +510,11 @@ def file_source(path):
 
 def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="text",
               label_column="label", labels=None, val_frac=None, test_frac=None, seed=SEED,
-              label_names=None):
+              label_names=None, dedup=False):
     """A user's labelled files as labelled rows: every row checked, the class names ordered
     (and named, with --label-names), and the splits the files do not give cut from the training
-    file (stratified, seeded)."""
+    file (stratified, seeded). `dedup` (--dedup) drops each file's exact duplicates first; the
+    texts a file gives two labels are named, with their rows, in `conflicts`."""
     if val_file is not None and val_frac is not None:
         raise DataError("--val-frac cuts validation from --train-file, but --val-file gives it; "
                         "drop one of the two")
@@ -548,7 +550,7 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
     for name, path in (("validation", val_file), ("test", test_file)):
         if path is not None:
             given[name] = (path, read_records(path, **kw, label_fix=scored))
-    splits = {}
+    splits, notes, conflicts = {}, [], []
     for name, (path, records) in given.items():
         for r in records:
             if match_label(r.label, class_names) is None:
@@ -556,6 +558,12 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
                                     if fixed is not None and name == "train" else
                                     "is not a class of the training data")
             r.label = match_label(r.label, class_names)
+        conflicts.append(datacheck.record_conflicts(records, path))
+        if dedup:
+            records, dropped = datacheck.dedup_records(records)
+            notes.append(f"--dedup dropped {dropped:,} exact duplicate{'s' * (dropped != 1)} "
+                         f"from {path} (the same text, whitespace and case aside, with the same"
+                         " label; the first of each kept)")
         splits[name] = [(ids[r.label], r.text) for r in records]
     counts = [sum(label == i for label, _ in splits["train"]) for i in range(len(class_names))]
     empty = [c for c, n in zip(class_names, counts) if n == 0]
@@ -565,7 +573,6 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
     if len(class_names) < 2:
         raise DataError(f"{train_file} has only one class ({class_names[0]!r}); a classifier "
                         "needs at least two: add rows of another class")
-    notes = []
     fracs = {name: f for name, f in (("validation", val_frac), ("test", test_frac))
              if f > 0 and name not in splits}
     if fracs:
@@ -583,7 +590,8 @@ def file_data(train_file, val_file=None, test_file=None, fmt=None, text_column="
     splits = {name: splits[name] for name in SPLITS if name in splits}
     sources = {flag: file_source(path) for flag, path in (
         ("train_file", train_file), ("val_file", val_file), ("test_file", test_file)) if path}
-    return LabelledData(splits, class_names, notes, {**sources["train_file"], "files": sources})
+    return LabelledData(splits, class_names, notes, {**sources["train_file"], "files": sources},
+                        conflicts)
 
 
 def load_labelled(cfg):
@@ -604,4 +612,4 @@ def load_labelled(cfg):
     return file_data(get("train_file"), get("val_file"), get("test_file"), get("format"),
                      get("text_column") or "text", get("label_column") or "label",
                      get("labels"), get("val_frac"), get("test_frac"),
-                     label_names=get("label_names"))
+                     label_names=get("label_names"), dedup=bool(get("dedup")))

@@ -164,14 +164,15 @@ def test_evaluate_classifies_new_text(finished_run, capsys, monkeypatch):
     assert len(lines) == 2
     # What the chapter's classify_review gives with the saved weights: the last position of the
     # text padded to the training length (120), its argmax class and that class's probability.
-    model = evaluate.load_run(run_dir, torch.device("cpu"))[0].gpt
+    classifier, info = evaluate.load_run(run_dir, torch.device("cpu"))
+    model, t = classifier.gpt, evaluate.temperature(info)  # calibrated: softmax(logits / T)
     tokenizer = data.get_tokenizer()
     for line, text in zip(lines, texts):
         label, prob, shown = re.fullmatch(r"(spam|not spam)\s+(\d\.\d{4})  (.*)", line).groups()
         ids = tokenizer.encode(text)
         ids = torch.tensor([ids + [50256] * (120 - len(ids))])
         with torch.no_grad():
-            probs = torch.softmax(model(ids)[0, -1], dim=-1)
+            probs = torch.softmax(model(ids)[0, -1] / t, dim=-1)
         assert label == ("spam" if probs.argmax() == 1 else "not spam")
         assert shown == text and prob == f"{probs.max().item():.4f}"
     import io
@@ -190,7 +191,8 @@ def test_classify_matches_the_batched_forward(finished_run):
     with torch.no_grad():
         logits = classifier.gpt(ids)[:, -1, :]
     assert label == info["class_names"][int(logits.argmax())]
-    assert prob == pytest.approx(float(torch.softmax(logits, -1).max()), abs=1e-6)
+    t = evaluate.temperature(info)  # the run's calibration: softmax(logits / T)
+    assert prob == pytest.approx(float(torch.softmax(logits / t, -1).max()), abs=1e-6)
     # ... through the inference shortcuts: FrozenBlocks before the last block, which runs at
     # the classified position only
     assert classifier.shortcuts.prepared and classifier.shortcuts.tail

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import decisions
 import evaluate
 import experiments
 import files
@@ -223,7 +224,10 @@ def test_evaluate_without_run_names_and_uses_the_latest_finished(
     monkeypatch.chdir(tmp_path)
     evaluate.main(["--text", "ball goal team"])
     captured = capsys.readouterr()
-    assert captured.err.strip() == f"Using the most recent finished run: {Path('runs', 'a-newer')}"
+    assert captured.err.splitlines()[0] == \
+        f"Using the most recent finished run: {Path('runs', 'a-newer')}"
+    assert captured.err.splitlines()[1:] == [decisions.explain(  # and how it gives probabilities
+        json.loads((runs / "a-newer" / "run.json").read_text()))]
     assert captured.out.split()[0] in WORDS
 
 

@@ -383,7 +383,8 @@ def test_a_text_of_exactly_the_runs_length_is_whole_and_one_more_token_is_cut(st
     # Both are classified on the same first n tokens, as in training.
     ids = data.encode(exact, tokenizer, n, pad=info["padding"])
     with torch.no_grad():
-        probs = torch.softmax(classifier(torch.tensor([ids], device=device)), dim=-1)[0]
+        probs = torch.softmax(classifier(torch.tensor([ids], device=device)) /
+                              evaluate.temperature(info), dim=-1)[0]  # calibrated
     assert list(whole["probabilities"].values()) == pytest.approx(probs.tolist(), abs=1e-6)
     assert cut["probabilities"] == pytest.approx(whole["probabilities"], abs=1e-6)
 

@@ -19,12 +19,16 @@ MODULES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem != "setup")
 SPINE = ("gpt", "data", "finetune", "evaluate")
 # who may import whom: each module's allowed local imports (imports point one way)
 ALLOWED = {
-    "ddp": set(), "files": {"ddp"}, "data": {"files"}, "tables": {"data", "files"},
-    "gpt": {"data", "files"}, "config": {"data", "ddp", "gpt", "tables"},
+    "ddp": set(), "files": {"ddp"}, "data": {"files"}, "datacheck": set(),
+    "tables": {"data", "datacheck", "files"},
+    "gpt": {"data", "files"}, "config": {"data", "ddp", "decisions", "gpt", "tables"},
+    "decisions": {"baseline", "data", "files"}, "baseline": set(),
     "shortcuts": {"gpt", "ddp", "files"}, "longrun": {"config", "files"},
-    "finetune": {"config", "data", "ddp", "files", "gpt", "longrun", "shortcuts", "tables"},
-    "evaluate": {"data", "ddp", "export", "files", "gpt", "shortcuts", "serve", "tables"},
-    "serve": {"data", "ddp", "files", "gpt", "shortcuts", "evaluate"},
+    "finetune": {"config", "data", "datacheck", "ddp", "decisions", "files", "gpt", "longrun",
+                 "shortcuts", "tables"},
+    "evaluate": {"baseline", "data", "ddp", "decisions", "export", "files", "gpt", "shortcuts",
+                 "serve", "tables"},
+    "serve": {"data", "ddp", "decisions", "files", "gpt", "shortcuts", "evaluate"},
     "experiments": {"config", "data", "files", "finetune", "gpt"},
     "export": {"data", "files", "gpt"},
 }
