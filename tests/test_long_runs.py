@@ -320,8 +320,9 @@ def error_line(capsys, args):
 @pytest.fixture
 def stopped(tmp_path, tiny_weights, small_raw_path):
     """An unfinished run folder, killed after its 2nd checkpoint."""
-    run = tmp_path / "run"
-    args = ["--weights", tiny_weights, "--data", small_raw_path, *QUICK]
+    run, data = tmp_path / "run", tmp_path / "SMSSpamCollection"
+    data.write_bytes(small_raw_path.read_bytes())  # a copy of its own: a test changes it
+    args = ["--weights", tiny_weights, "--data", data, *QUICK]
     killed_run(tmp_path, args + ["--output-dir", run], 2)
     return run, args
 
@@ -398,6 +399,31 @@ def test_resume_refuses_other_base_weights_or_other_data(stopped, capsys, tmp_pa
     changed.write_text(data.read_text().replace("lol", "lmao"))
     torch.save({**state, "flags": {**state["flags"], "data": str(changed)}}, ckpt)
     assert "trained on other data" in error_line(capsys, ["--resume", run])
+    torch.save(state, ckpt)  # its own data path back, the file there changed in place
+    data.write_text(data.read_text().replace("lol", "lmao"))
+    assert "trained on other data" in error_line(capsys, ["--resume", run])
+
+
+def test_resume_dir_alone_keeps_the_flags_the_run_recorded(stopped):
+    """--resume DIR alone goes on with the run's own --checkpoint-every and --final-splits (not
+    the flags' defaults); given again, they change (the flags a resume may change)."""
+    import config
+    run, _ = stopped
+    ckpt = run / files.CHECKPOINT
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "flags": {**state["flags"], "checkpoint_every": 7,
+                                   "final_splits": "validation"}}, ckpt)
+
+    def resumed(*argv):
+        argv = ["--resume", str(run), *argv]
+        cfg, _ = longrun.resume_config(config.parse_args(argv),
+                                       set(config.parse_args(argv, defaults=False)))
+        return cfg.checkpoint_every, cfg.final_splits
+
+    assert resumed() == (7, "validation")
+    cfg, _ = longrun.resume_config(config.parse_args(["--resume", str(run)]))
+    assert (cfg.checkpoint_every, cfg.final_splits) == (7, "validation")
+    assert resumed("--checkpoint-every", "3", "--final-splits", "test") == (3, "test")
 
 
 def test_early_stopping_needs_keep_best(capsys, tiny_weights, small_raw_path, tmp_path):
