@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -317,14 +318,26 @@ def error_line(capsys, args):
     return message
 
 
-@pytest.fixture
-def stopped(tmp_path, tiny_weights, small_raw_path):
-    """An unfinished run folder, killed after its 2nd checkpoint."""
-    run, data = tmp_path / "run", tmp_path / "SMSSpamCollection"
+@pytest.fixture(scope="module")
+def _stopped_once(tmp_path_factory, tiny_weights, small_raw_path):
+    """An unfinished run folder, killed after its 2nd checkpoint, on a copy of the data."""
+    folder = tmp_path_factory.mktemp("stopped")
+    run, data = folder / "run", folder / "SMSSpamCollection"
     data.write_bytes(small_raw_path.read_bytes())  # a copy of its own: a test changes it
     args = ["--weights", tiny_weights, "--data", data, *QUICK]
-    killed_run(tmp_path, args + ["--output-dir", run], 2)
-    return run, args
+    killed_run(folder, args + ["--output-dir", run], 2)
+    return run, data, args
+
+
+@pytest.fixture
+def stopped(_stopped_once, tmp_path):
+    """(a copy of the unfinished run folder in tmp_path, its args); the data put back after."""
+    run, data, args = _stopped_once
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    raw = data.read_bytes()
+    yield copy, args
+    data.write_bytes(raw)
 
 
 def test_resume_refuses_a_flag_that_would_change_the_run(stopped, capsys):
