@@ -26,6 +26,7 @@ import files
 import finetune
 import longrun
 import reference
+from conftest import one_error_line
 
 pytestmark = pytest.mark.slow
 
@@ -309,13 +310,7 @@ def test_early_stopping_ends_after_n_epochs_without_a_better_score(overfit, caps
 # ------------------------------------------------------------------------------ what is refused
 
 def error_line(capsys, args):
-    with pytest.raises(SystemExit) as e:
-        finetune.main(list(map(str, args)))
-    message = str(e.value.code)
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err + out.out
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
+    return one_error_line(finetune, args, capsys)
 
 
 @pytest.fixture(scope="module")
