@@ -441,6 +441,15 @@ def test_early_stopping_needs_keep_best(capsys, tiny_weights, small_raw_path, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_checkpoint_every_and_early_stopping_below_1_are_refused(capsys, tmp_path):
+    for flag in ("--checkpoint-every", "--early-stopping"):
+        for n in ("0", "-1"):
+            line = error_line(capsys, ["--output-dir", tmp_path / "run", flag, n,
+                                       "--keep-best", "val_loss"])
+            assert f"{flag} must be 1 or more" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_under_torchrun_every_process_resumes(tmp_path, tiny_weights, small_raw_path,
                                               monkeypatch):
     """Two CPU processes (gloo, loopback): rank 0, which alone writes the checkpoint, is
