@@ -357,6 +357,8 @@ def test_a_token_is_required_by_the_api_but_not_by_the_page(start):
     assert "Authorization: Bearer" in body["error"] and "s3cret" not in body["error"]
     assert ask(srv, raw(srv.port, "GET", "/health", b""), "GET")[0] == 401
     assert ask(srv, raw(srv.port, headers={"Authorization": "Bearer s3cre"}))[0] == 401
+    for scheme in ("Basic", "Token", ""):  # the token under another scheme, or none
+        assert ask(srv, raw(srv.port, headers={"Authorization": f"{scheme} s3cret"}))[0] == 401
     assert_classified(*ask(srv, raw(srv.port, headers={"Authorization": "bearer s3cret"}))[::2])
     status, _, page = ask(srv, raw(srv.port, "GET", "/", b""), "GET")
     page = page.decode()
