@@ -198,3 +198,76 @@ def closed_url():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/SMSSpamCollection.zip"
+
+
+# ----------------------------------------------------------------------------- tiny runs
+
+def tiny_run(out, *args, weights=None, data=None):
+    """finetune.main on the tiny GPT-2 in this process, its printout captured; returns the
+    printout. `weights`/`data`: the tiny checkpoint and a raw SMS file (or None: the args say)."""
+    import contextlib
+    import io
+
+    import finetune
+    given = [*(["--weights", weights] if weights else []), *(["--data", data] if data else []),
+             "--output-dir", out, *args]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        finetune.main([str(a) for a in given])
+    return buf.getvalue()
+
+
+def one_error_line(module, args, capsys=None):
+    """The one `error: ...` line that `module.main(args)` exits with: no traceback, no second
+    line (and, given capsys, nothing else printed to stderr)."""
+    with pytest.raises(SystemExit) as e:
+        module.main([str(a) for a in args])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    if capsys is not None:
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err + out.out, out.err
+    return message
+
+
+OWN_WORDS = {"pos": "good great fine love nice", "neg": "bad awful hate poor sad",
+             "neutral": "table chair paper river cloud"}
+OWN_LABELS = ("neutral", "pos", "neg")  # --labels: the run's class order, not the sorted one
+
+
+def write_own_csv(path, n, seed=0):
+    """A .csv of `n` rows (text, label) in OWN_WORDS's 3 classes, texts of 2 to 12 words."""
+    import csv
+    rng = random.Random(seed)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = list(OWN_WORDS)[i % 3]
+            pool = OWN_WORDS[label].split() + "the a it was so".split()
+            w.writerow([" ".join(rng.choice(pool) for _ in range(rng.randint(2, 12))), label])
+    return path
+
+
+@pytest.fixture(scope="session")
+def sms_run(tmp_path_factory, tiny_weights, small_raw_path):
+    """A finished tiny run on the small SMS file (3 steps): copy it (shutil.copytree into
+    tmp_path) before changing it."""
+    out = tmp_path_factory.mktemp("sms-run") / "tiny-run"
+    tiny_run(out, "--device", "cpu", "--epochs", "1", "--max-steps", "3", "--no-initial-eval",
+             weights=tiny_weights, data=small_raw_path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def own_run(tmp_path_factory, tiny_weights):
+    """A finished tiny run on own files: 3 classes in --labels order (OWN_LABELS, not sorted);
+    {"run", "train", "new" (a .csv of texts alone)}. Copy the run before changing it."""
+    folder = tmp_path_factory.mktemp("own-run")
+    train = write_own_csv(folder / "train.csv", 60)
+    new = folder / "new.csv"
+    new.write_text("text\n" + "".join(f"{w} day\n" for w in ("good", "awful", "table", "fine")))
+    tiny_run(folder / "run", "--train-file", train, "--labels", ",".join(OWN_LABELS),
+             "--device", "cpu", "--epochs", "1", "--max-steps", "3", "--no-initial-eval",
+             weights=tiny_weights)
+    return {"run": folder / "run", "train": train, "new": new}

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import files
 import finetune
 import longrun
 import reference
+from conftest import one_error_line
 
 pytestmark = pytest.mark.slow
 
@@ -308,22 +310,29 @@ def test_early_stopping_ends_after_n_epochs_without_a_better_score(overfit, caps
 # ------------------------------------------------------------------------------ what is refused
 
 def error_line(capsys, args):
-    with pytest.raises(SystemExit) as e:
-        finetune.main(list(map(str, args)))
-    message = str(e.value.code)
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err + out.out
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
+    return one_error_line(finetune, args, capsys)
+
+
+@pytest.fixture(scope="module")
+def _stopped_once(tmp_path_factory, tiny_weights, small_raw_path):
+    """An unfinished run folder, killed after its 2nd checkpoint, on a copy of the data."""
+    folder = tmp_path_factory.mktemp("stopped")
+    run, data = folder / "run", folder / "SMSSpamCollection"
+    data.write_bytes(small_raw_path.read_bytes())  # a copy of its own: a test changes it
+    args = ["--weights", tiny_weights, "--data", data, *QUICK]
+    killed_run(folder, args + ["--output-dir", run], 2)
+    return run, data, args
 
 
 @pytest.fixture
-def stopped(tmp_path, tiny_weights, small_raw_path):
-    """An unfinished run folder, killed after its 2nd checkpoint."""
-    run = tmp_path / "run"
-    args = ["--weights", tiny_weights, "--data", small_raw_path, *QUICK]
-    killed_run(tmp_path, args + ["--output-dir", run], 2)
-    return run, args
+def stopped(_stopped_once, tmp_path):
+    """(a copy of the unfinished run folder in tmp_path, its args); the data put back after."""
+    run, data, args = _stopped_once
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    raw = data.read_bytes()
+    yield copy, args
+    data.write_bytes(raw)
 
 
 def test_resume_refuses_a_flag_that_would_change_the_run(stopped, capsys):
@@ -398,12 +407,46 @@ def test_resume_refuses_other_base_weights_or_other_data(stopped, capsys, tmp_pa
     changed.write_text(data.read_text().replace("lol", "lmao"))
     torch.save({**state, "flags": {**state["flags"], "data": str(changed)}}, ckpt)
     assert "trained on other data" in error_line(capsys, ["--resume", run])
+    torch.save(state, ckpt)  # its own data path back, the file there changed in place
+    data.write_text(data.read_text().replace("lol", "lmao"))
+    assert "trained on other data" in error_line(capsys, ["--resume", run])
+
+
+def test_resume_dir_alone_keeps_the_flags_the_run_recorded(stopped):
+    """--resume DIR alone goes on with the run's own --checkpoint-every and --final-splits (not
+    the flags' defaults); given again, they change (the flags a resume may change)."""
+    import config
+    run, _ = stopped
+    ckpt = run / files.CHECKPOINT
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "flags": {**state["flags"], "checkpoint_every": 7,
+                                   "final_splits": "validation"}}, ckpt)
+
+    def resumed(*argv):
+        argv = ["--resume", str(run), *argv]
+        cfg, _ = longrun.resume_config(config.parse_args(argv),
+                                       set(config.parse_args(argv, defaults=False)))
+        return cfg.checkpoint_every, cfg.final_splits
+
+    assert resumed() == (7, "validation")
+    cfg, _ = longrun.resume_config(config.parse_args(["--resume", str(run)]))
+    assert (cfg.checkpoint_every, cfg.final_splits) == (7, "validation")
+    assert resumed("--checkpoint-every", "3", "--final-splits", "test") == (3, "test")
 
 
 def test_early_stopping_needs_keep_best(capsys, tiny_weights, small_raw_path, tmp_path):
     line = error_line(capsys, ["--weights", tiny_weights, "--data", small_raw_path,
                                "--output-dir", tmp_path / "run", "--early-stopping", "2"])
     assert "--early-stopping needs --keep-best" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_every_and_early_stopping_below_1_are_refused(capsys, tmp_path):
+    for flag in ("--checkpoint-every", "--early-stopping"):
+        for n in ("0", "-1"):
+            line = error_line(capsys, ["--output-dir", tmp_path / "run", flag, n,
+                                       "--keep-best", "val_loss"])
+            assert f"{flag} must be 1 or more" in line
     assert not (tmp_path / "run").exists()
 
 

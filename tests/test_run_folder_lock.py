@@ -138,6 +138,19 @@ def test_a_folder_mixing_two_runs_files_is_refused(tmp_path, two_runs, which):
         evaluate.main(["--run", str(mixed), "--text", "hello"])
 
 
+def test_a_weights_file_without_a_run_id_is_not_taken_as_the_runs(tmp_path, two_runs):
+    """A weights file that carries no run id (saved by hand, or by another tool) is not this
+    run's: only a run.json without a run id (a run older than run ids) is taken as it is."""
+    from safetensors.torch import load_file, save_file
+    a, _ = two_runs
+    bare = tmp_path / "bare"
+    shutil.copytree(a, bare)
+    name = json.loads((bare / "run.json").read_text())["weights_file"]
+    save_file(load_file(bare / name), bare / name)  # the same tensors, no run id
+    with pytest.raises(files.RunError, match=rf"{name} is not this run's \(its run id is None"):
+        evaluate.load_run(bare, torch.device("cpu"))
+
+
 def test_a_run_made_before_run_ids_is_still_read(tmp_path, two_runs):
     a, _ = two_runs
     old = tmp_path / "old"

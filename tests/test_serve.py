@@ -38,17 +38,11 @@ SPAM = "WINNER!! You have been selected to receive a $1000 prize. Call 090617014
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_weights, small_raw_path):
+def tiny_run(sms_run):
     """A finished run of finetune.py: the tiny checkpoint, a few steps on a small SMS file the
-    tests make (conftest's small_raw_path), so that serving is tested without the real data."""
-    out = tmp_path_factory.mktemp("serve") / "tiny-run"
-    with pytest.MonkeyPatch.context() as mp:
-        import io
-        mp.setattr(sys, "stdout", io.StringIO())
-        finetune.main(["--weights", str(tiny_weights), "--data", str(small_raw_path),
-                       "--output-dir", str(out), "--device", "cpu", "--epochs", "1",
-                       "--max-steps", "3", "--no-initial-eval"])
-    return out
+    tests make (conftest's sms_run, shared by the session), so that serving is tested without
+    the real data."""
+    return sms_run
 
 
 @pytest.fixture(scope="module")

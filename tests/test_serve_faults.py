@@ -311,6 +311,26 @@ def test_the_servers_own_page_and_names_are_served(start):
     assert ask(srv, raw(srv.port, host="other.lan"))[0] == 403
 
 
+def test_an_origin_that_only_starts_with_the_servers_address_is_refused(start):
+    """The same origin is the whole origin: http://127.0.0.1:PORT.evil.example (a name an
+    attacker owns) or the address on another port is another site."""
+    srv = start()
+    host = f"127.0.0.1:{srv.port}"
+    for origin in (f"http://{host}.evil.example", f"http://{host}0", f"http://{host}@evil.example",
+                   f"https://{host}"):
+        status, head, body = ask(srv, raw(srv.port, host=host, headers={"Origin": origin}))
+        assert status == 403 and origin in body["error"], (origin, status, body)
+        assert "Access-Control-Allow-Origin" not in head
+
+
+def test_json_with_a_charset_parameter_is_json(start):
+    """Content-Type: application/json; charset=utf-8 (what many clients send) is JSON."""
+    srv = start()
+    for value in ("application/json; charset=utf-8", "Application/JSON;charset=UTF-8"):
+        status, _, body = ask(srv, raw(srv.port, headers={"Content-Type": value}))
+        assert_classified(status, body)
+
+
 def test_an_allowed_origin_gets_its_preflight_and_cors_answers(start):
     srv = start(allow_origins=("http://app.example:3000",))
     origin = {"Origin": "http://app.example:3000"}
@@ -337,6 +357,8 @@ def test_a_token_is_required_by_the_api_but_not_by_the_page(start):
     assert "Authorization: Bearer" in body["error"] and "s3cret" not in body["error"]
     assert ask(srv, raw(srv.port, "GET", "/health", b""), "GET")[0] == 401
     assert ask(srv, raw(srv.port, headers={"Authorization": "Bearer s3cre"}))[0] == 401
+    for scheme in ("Basic", "Token", ""):  # the token under another scheme, or none
+        assert ask(srv, raw(srv.port, headers={"Authorization": f"{scheme} s3cret"}))[0] == 401
     assert_classified(*ask(srv, raw(srv.port, headers={"Authorization": "bearer s3cret"}))[::2])
     status, _, page = ask(srv, raw(srv.port, "GET", "/", b""), "GET")
     page = page.decode()

@@ -1,10 +1,11 @@
-"""tables.py: labels that only look alike, and labels that would break the tables printed
-(issue 27.3)."""
+"""tables.py: users' own CSV, TSV and JSONL files, read and checked row by row; labels that
+only look alike, and labels that would break the tables printed."""
 
 import json
 
 import pytest
 
+import files
 import tables
 from files import DataError
 
@@ -88,3 +89,21 @@ def test_validation_labels_are_cleaned_and_matched_as_the_training_ones(tmp_path
 def test_a_scored_file_s_label_written_1e0_is_its_class():
     assert tables.match_label("1e0", ["0", "1"]) == "1"  # evaluate.py --file matches so
     assert tables.match_label("1e0", ["0", "spam"]) is None
+
+
+
+# ----------------------------------------------------------------------------- quotes over lines
+
+def test_a_quote_left_open_in_an_earlier_field_is_refused_not_merged(tmp_path):
+    """A quote opened in a row's first field (not its last) that runs on to the next line is a
+    stray quote, not a text with line breaks: the line it opened on reads as a row of its own,
+    so the file is refused naming it, rather than read as one row with the next row's label."""
+    path = tmp_path / "stray.csv"
+    path.write_text('text,label\nfirst,ham\n"Hello there,ham\nAnother one",spam\nthird,ham\n')
+    with pytest.raises(files.DataError, match=r"row 3 \(line 3\): a quote opened in this row "
+                                              r"runs on to line 4"):
+        tables.read_records(path)
+    # ... while a quoted last field that goes on over lines is a text with line breaks
+    path.write_text('label,text\nham,first\nspam,"Hello there\nAnother one"\nham,third\n')
+    assert [(r.label, r.text) for r in tables.read_records(path)] == [
+        ("ham", "first"), ("spam", "Hello there\nAnother one"), ("ham", "third")]
