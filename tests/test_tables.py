@@ -91,7 +91,6 @@ def test_a_scored_file_s_label_written_1e0_is_its_class():
     assert tables.match_label("1e0", ["0", "spam"]) is None
 
 
-
 # ----------------------------------------------------------------------------- quotes over lines
 
 def test_a_quote_left_open_in_an_earlier_field_is_refused_not_merged(tmp_path):
