@@ -17,8 +17,9 @@ import shortcuts
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A few cached training steps of a small model (its feed-forward weights 4 MiB each), in a fresh process (torch reads the variable
-# once, at its first large allocation): its losses and a digest of its final weights.
+# A few cached training steps of a small model (its feed-forward weights 4 MiB each), in a
+# fresh process (torch reads the variable once, at its first large allocation): its losses and
+# a digest of its final weights.
 STEPS = """
 import hashlib, json, sys
 sys.path.insert(0, sys.argv[1])
