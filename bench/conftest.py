@@ -364,6 +364,32 @@ def roofline_rows(results):
     return lines
 
 
+def limit_rows(results):
+    """The headline, per row with the trunk cache: the distance to this machine's limit. The
+    floor is the chapter's phase with the cache's fill (1,085 examples through the frozen blocks)
+    at the measured peak and every step and evaluation free; our time is the projected phase; the
+    share is floor / ours. Beside it, the ratio to the chapter's code (the `plain` row)."""
+    head = ["device", "precision", "variant", "trainable", "floor s (fill FLOPs at peak)",
+            "ours s (projected phase)", "share of the limit", "fill s", "steps s", "evals s",
+            "vs the chapter's code"]
+    lines = [head]
+    rows = list(results.rows.values())
+    for r in rows:
+        seconds, _, _ = r.phase()
+        if not r.trunk or seconds is None or not r.peak_tflops:
+            continue
+        fills = DISTINCT_EXAMPLES / r.fill_batch
+        floor = fills * r.flops["fill"] / (r.peak_tflops * 1e12)
+        base = _baseline(rows, r)
+        base_s = base.phase()[0] if base is not None else None
+        lines.append([
+            r.device_name, r.precision, r.variant, r.trainable, f"{floor:.1f}", f"{seconds:.1f}",
+            f"{floor / seconds:.0%}", f"{fills * r.seconds['fill']:.1f}",
+            f"{STEPS * r.seconds['step']:.1f}", f"{EVAL_BATCHES * r.seconds['eval']:.1f}",
+            "-" if base_s is None else f"{base_s / seconds:.2f}x"])
+    return lines
+
+
 def cpu_line():
     """The CPU named, with whether it has AMX tiles (and whether oneDNN's bf16 kernels run)."""
     name = ddp.device_name(torch.device("cpu"))
@@ -409,6 +435,13 @@ def summary_markdown(results, tiny, wall_s, load_end):
            cpu_line(),
            "",
            *markdown_table(summary_rows(results)),
+           "",
+           "The distance to this machine's limit (the headline): the floor is the fill's FLOPs "
+           "at the measured peak, with the 650 steps and 180 evaluations free; the share is "
+           "floor / ours:",
+           "",
+           *(markdown_table(limit_rows(results)) if len(limit_rows(results)) > 1
+             else ["(no row with the trunk cache and a whole projection)"]),
            "",
            "Distance to the limit (the fill: FLOPs of one fill over its median time, against "
            "the measured peak; a step: the medians of its parts, timed apart in extra rounds):",

@@ -99,3 +99,21 @@ def test_flop_counts(variant, trainable, kind, expected, monkeypatch):
     setup = test_speed.Setup(("cpu", "fp32", variant, trainable),
                              lambda plain: gpt.GPTModel(CFG, plain=plain), sizes=None)
     assert setup.flops(kind, BATCH, T) == expected
+
+
+def test_the_distance_to_the_limit(new_row):
+    """The headline: the fill's FLOPs at the peak (steps and evaluations free) against the
+    projected phase, beside the ratio to the chapter's code (the plain row)."""
+    import conftest
+    row = new_row(trunk=True, peak=0.5, fill_batch=16)
+    row.seconds.update(step=0.01, eval=0.005, fill=0.8)
+    row.flops.update(step=1e8, eval=5e7, fill=2e11)
+    lines = conftest.limit_rows(type("Results", (), {"rows": {"row": row}})())
+    assert len(lines) == 2
+    floor = 1085 / 16 * 2e11 / 0.5e12  # 27.1 s
+    ours = 650 * 0.01 + 180 * 0.005 + 1085 / 16 * 0.8  # 61.65 s
+    head, got = lines
+    assert got[head.index("floor s (fill FLOPs at peak)")] == f"{floor:.1f}"
+    assert got[head.index("ours s (projected phase)")] == f"{ours:.1f}"
+    assert got[head.index("share of the limit")] == f"{floor / ours:.0%}"
+    assert got[head.index("vs the chapter's code")] == "-"  # no plain row measured

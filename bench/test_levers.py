@@ -28,13 +28,20 @@ to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens
                 (foreach) vs one fused kernel
     inference   evaluate.py classifying 8 texts: the model as written vs its inference
                 shortcuts (FrozenBlocks, the last block at the classified position)
+    huge-pages  a cached training step as finetune.py takes it, and a fill of 16: torch's large
+                tensors on 4 KiB pages vs on transparent huge pages (`shortcuts.use_huge_pages`);
+                each side in a fresh process (torch reads the switch once), in turn
 
 The table of all of them is printed at the end of the module and written to bench-levers.md
 (not in the smoke pass). No timing is asserted.
 """
 
 import copy
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -311,3 +318,105 @@ def test_keep_freed_memory(benchmark, lever_table, gpt_small, token_data, sizes,
                precision, sizes, steps(False), steps(True), rounds_of(sizes, pytestconfig), per=n)
     finally:
         shortcuts.keep_freed_memory(True)
+
+
+# One side of the huge-pages pair, in a fresh process: a cached training step as finetune.py
+# takes it (finetune.build_classifier and build_optimizer: trunk cache, block_at, fused AdamW,
+# glibc's freed memory kept) and a trunk fill, each the median of its rounds, in ms.
+_HUGE_PAGES_SIDE = """
+import json, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import finetune, gpt, shortcuts
+spec = json.loads(sys.argv[2])
+torch.set_num_threads(spec["threads"])
+torch.manual_seed(123)
+model = gpt.GPTModel(gpt.GPTConfig(**spec["cfg"]))
+torch.manual_seed(123)
+gpt.setup_classifier(model)
+cfg = finetune.TrainConfig(shortcuts=True, precision=spec["precision"], device="cpu")
+dev = torch.device("cpu")
+classifier, _ = finetune.build_classifier(model, cfg, dev)
+opt = finetune.build_optimizer(model, cfg, dev)
+gen = torch.Generator().manual_seed(0)
+fill_ids = torch.randint(0, spec["cfg"]["vocab_size"], (spec["fill"], spec["tokens"]),
+                         generator=gen)
+x, y = fill_ids[:spec["batch"]], torch.randint(0, 2, (spec["batch"],), generator=gen)
+
+def fill():
+    trunk = shortcuts.TrunkCache(model)
+    with torch.no_grad(), classifier.autocast(dev):
+        trunk(fill_ids)
+
+def step():
+    opt.zero_grad(set_to_none=True)
+    finetune.calc_loss_batch(x, y, classifier, dev).backward()
+    opt.step()
+
+classifier.train()
+with torch.no_grad():
+    classifier(x)
+out = {}
+for name, f, n in (("fill", fill, spec["fills"]), ("step", step, spec["steps"])):
+    f()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    out[name] = statistics.median(times)
+out["huge_kb"] = int([line.split()[1] for line in open("/proc/self/smaps_rollup")
+                      if line.startswith("AnonHugePages")][0])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torch's huge pages: Linux")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_huge_pages(benchmark, lever_table, sizes, precision, pytestconfig):
+    """A cached training step (30 rounds' median) and a fill of shortcuts.FILL_BATCH examples
+    (3 rounds' median), each side in a fresh process in turn (A B B A ...): torch's tensors on
+    4 KiB pages (THP_MEM_ALLOC_ENABLE=0) vs on transparent huge pages
+    (`shortcuts.use_huge_pages`, the default). Two rows: the step, the fill."""
+    if sizes.tiny and precision != "fp32":
+        pytest.skip("the smoke pass runs one precision's pair (each side starts a process)")
+    cfg = sizes.cfg
+    spec = json.dumps({"cfg": {k: getattr(cfg, k) for k in (
+        "vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
+        "qkv_bias")}, "precision": precision, "threads": torch.get_num_threads(),
+        "batch": sizes.batch, "tokens": sizes.tokens, "fill": sizes.fill_batch,
+        "steps": 1 if sizes.tiny else 30, "fills": 1 if sizes.tiny else 3})
+    root = str(Path(__file__).resolve().parents[1])
+    n = rounds_of(sizes, pytestconfig)
+    sides = {"before": [], "after": []}
+
+    def side(thp, out):
+        env = dict(os.environ, THP_MEM_ALLOC_ENABLE=thp)
+        run = subprocess.run([sys.executable, "-c", _HUGE_PAGES_SIDE, root, spec], env=env,
+                             check=True, capture_output=True, text=True, timeout=900)
+        out.append(json.loads(run.stdout.splitlines()[-1]))
+
+    def run():
+        for i in range(n):
+            order = (("0", "before"), ("1", "after"))
+            for thp, name in (order if i % 2 == 0 else order[::-1]):
+                side(thp, sides[name])
+
+    benchmark.group = "levers"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for kind, what in (("step", "cached step"), ("fill", f"fill of {sizes.fill_batch}")):
+        a = [r[kind] for r in sides["before"]]
+        b = [r[kind] for r in sides["after"]]
+        r = [x / y for x, y in zip(a, b)]
+        row = {"lever": f"{what}: transparent huge pages (fresh processes, in turn)",
+               "precision": precision, "before": f"{statistics.median(a) * 1e3:.1f}",
+               "after": f"{statistics.median(b) * 1e3:.1f}",
+               "ratio": f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})",
+               "pairs": len(r)}
+        lever_table.append(row)
+        benchmark.extra_info[kind] = dict(before_s=a, after_s=b, ratios=r, load_end=load,
+                                          huge_kb_after=[s["huge_kb"] for s in sides["after"]])
+        print(f"\n{row['lever']} ({precision}): before {row['before']} ms, after "
+              f"{row['after']} ms, before/after {row['ratio']} over {row['pairs']} pairs, "
+              f"load {load}", flush=True)
