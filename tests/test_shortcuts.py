@@ -1,26 +1,31 @@
-"""The speed levers that are on by default: each computes what the chapter's model computes.
-
-- `shortcuts.block_at`: the last block at the classified position, re-associated (no keys or
-  values), checked in float64 against the whole block, logits and every gradient;
-- `shortcuts.TrunkCache`: keyed by the text without its trailing padding, capped in memory,
-  stored in the run's precision, its frozen blocks prepared once (`shortcuts.FrozenBlock`:
-  weights cast once, Q/K/V in one product, oneDNN's fused GELU and residual adds on a CPU);
-- finetune.py: the shortcuts on by default, the log saying which, `--no-shortcuts` and
-  `--plain` turning them off, `--trunk-cache-gb`.
+"""shortcuts.py: every exact speed shortcut computes what the chapter's code computes (block_at,
+the trunk cache, FrozenBlock, oneDNN, attention backends, the allocator levers), and the policy
+that turns them on.
 """
 
+import copy
+import json
+import os
 import re
+import subprocess
+import sys
 from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
+import data
 import finetune
 import gpt
 import longrun
 import shortcuts
+
+
+# ---------------------------------------------------- the shortcuts against the model as written
 
 PAD = 0  # the tiny vocabulary's pad id
 CFG = gpt.GPTConfig(vocab_size=50, context_length=24, emb_dim=32, n_heads=4, n_layers=3)
@@ -569,8 +574,8 @@ def test_an_extended_entry_gives_the_models_logits_and_gradients(position):
     weights = torch.randn(len(lengths), 3)
     got = grads_of(model, lambda m, ids: shortcuts.classify_logits(
         m, ids, position, pad_id=PAD, tail=True, trunk=trunk), x, weights)
-    expected = grads_of(model, lambda m, ids: gpt.classify_logits(m, ids, position,
-                                                                   pad_id=PAD), x, weights)
+    expected = grads_of(model, lambda m, ids: gpt.classify_logits(
+        m, ids, position, pad_id=PAD), x, weights)
     assert_close(got[0], expected[0], **F32)
     for name in expected[1]:
         assert_close(got[1][name], expected[1][name], **F32)
@@ -610,3 +615,219 @@ def test_the_run_fills_ahead_only_when_it_reads_a_whole_epoch(tmp_path, tiny_wei
     # every training example and the 40 validation examples the evaluations read (a text may
     # occur twice: one entry each)
     assert 1000 < filled[-1] <= 1045 + 40
+
+
+# --------------------------------------------------------------- the levers in use in whole runs
+
+@pytest.fixture
+def observed(monkeypatch):
+    """finetune.py's model, watched: the rows its token embedding computes, the dtypes its class
+    head computes in while training, and the optimizers built."""
+    seen = {"embedded": 0, "head_dtypes": set(), "optimizers": []}
+    load = gpt.load_gpt
+
+    def watched_load(*args, **kwargs):
+        model = load(*args, **kwargs)
+
+        def count(module, inputs, output):
+            seen["embedded"] += inputs[0].shape[0]
+        model.tok_emb.register_forward_hook(count)
+        return model
+    monkeypatch.setattr(gpt, "load_gpt", watched_load)
+
+    real_add_head = gpt.add_classification_head
+
+    def watched_head(model, *args, **kwargs):
+        real_add_head(model, *args, **kwargs)
+
+        def dtype(module, inputs, output):
+            if torch.is_grad_enabled():  # a training step
+                seen["head_dtypes"].add(output.dtype)
+        model.out_head.register_forward_hook(dtype)
+        return model
+    monkeypatch.setattr(gpt, "add_classification_head", watched_head)
+
+    real_adamw = torch.optim.AdamW
+
+    class WatchedAdamW(real_adamw):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["optimizers"].append(self)
+    monkeypatch.setattr(torch.optim, "AdamW", WatchedAdamW)
+    return seen
+
+
+def run(tmp_path, weights, raw, name, *flags):
+    out = tmp_path / name
+    finetune.main(["--weights", str(weights), "--data", str(raw), "--output-dir", str(out),
+                   "--device", "cpu", "--epochs", "3", "--eval-freq", "10", "--no-initial-eval",
+                   *flags])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def distinct_examples(raw):
+    splits = data.make_splits(data.load_rows(raw))
+    return len({text for rows in splits.values() for _, text in rows})
+
+
+@pytest.mark.slow
+def test_the_trunk_cache_computes_each_example_once(tmp_path, tiny_weights, small_raw_path,
+                                                    observed, capsys):
+    run(tmp_path, tiny_weights, small_raw_path, "shortcuts")
+    distinct = distinct_examples(small_raw_path)  # 240
+    cached = observed["embedded"]
+    # Three epochs of 21 steps of 8, their evaluations and the final pass read about 900 rows;
+    # with the cache each distinct text is embedded once, when first seen.
+    assert 0 < cached <= distinct
+    observed["embedded"] = 0
+    run(tmp_path, tiny_weights, small_raw_path, "no-shortcuts", "--no-shortcuts")
+    assert observed["embedded"] > 3 * distinct  # every step and evaluation embeds again
+
+
+@pytest.mark.slow
+def test_the_fused_optimizer_is_on_by_default(tmp_path, tiny_weights, small_raw_path, observed,
+                                              capsys):
+    run(tmp_path, tiny_weights, small_raw_path, "shortcuts", "--max-steps", "2")
+    (optimizer,) = observed["optimizers"]
+    assert all(group["fused"] is True for group in optimizer.param_groups)
+    run(tmp_path, tiny_weights, small_raw_path, "off", "--max-steps", "2", "--no-shortcuts")
+    assert not observed["optimizers"][1].param_groups[0]["fused"]
+
+
+@pytest.mark.slow
+def test_bf16_computes_in_bf16(tmp_path, tiny_weights, small_raw_path, observed, capsys):
+    fp32 = run(tmp_path, tiny_weights, small_raw_path, "fp32")
+    assert observed["head_dtypes"] == {torch.float32}
+    observed["head_dtypes"].clear()
+    bf16 = run(tmp_path, tiny_weights, small_raw_path, "bf16", "--precision", "bf16")
+    assert observed["head_dtypes"] == {torch.bfloat16}
+    # bf16 rounding shows in the losses, and no more than rounding
+    a, b = fp32["history"]["train_losses"], bf16["history"]["train_losses"]
+    assert len(a) == len(b) and a != b
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
+
+
+# ------------------------------------------------------------------------- AMX and the allocator
+
+GLIBC = shortcuts.platform.system() == "Linux" and shortcuts.platform.libc_ver()[0] == "glibc"
+
+
+def steps(model, n=3):
+    """n cached bf16 training steps as finetune.py takes them: losses and the final weights."""
+    trunk = shortcuts.TrunkCache(model, pad_id=0)
+    classifier = gpt.Classifier(model, autocast_dtype=torch.bfloat16,
+                                shortcuts=shortcuts.Shortcuts(trunk=trunk))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(1, CFG.vocab_size, (4, 12), generator=gen)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    losses = []
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(classifier(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def restore_malloc():
+    yield
+    shortcuts.keep_freed_memory(False)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
+def test_keeping_freed_memory_changes_no_number(restore_malloc):
+    torch.manual_seed(0)
+    model = gpt.GPTModel(CFG)
+    gpt.setup_classifier(model, 3)
+    assert shortcuts.keep_freed_memory(False) is True
+    before = steps(copy.deepcopy(model))
+    assert shortcuts.keep_freed_memory() is True
+    after = steps(copy.deepcopy(model))
+    assert before[0] == after[0]
+    for k, v in before[1].items():
+        assert torch.equal(v, after[1][k]), k
+
+
+def test_off_glibc_it_does_nothing_and_says_so(monkeypatch):
+    monkeypatch.setattr(shortcuts.platform, "libc_ver", lambda: ("", ""))
+    assert shortcuts.keep_freed_memory() is False
+    monkeypatch.setattr(shortcuts.platform, "system", lambda: "Darwin")
+    assert shortcuts.keep_freed_memory() is False
+
+
+def test_training_on_a_cpu_keeps_freed_memory(monkeypatch):
+    calls = []
+    monkeypatch.setattr(shortcuts, "keep_freed_memory", lambda keep=True: calls.append(keep))
+    torch.manual_seed(0)
+    model = gpt.GPTModel(CFG)
+    gpt.setup_classifier(model, 3)
+    shortcuts.for_training(model)
+    assert calls == [True]
+
+
+# ---------------------------------------------------------------- the step's levers (huge pages)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A few cached training steps of a small model (its feed-forward weights 4 MiB each), in a
+# fresh process (torch reads the variable once, at its first large allocation): its losses and
+# a digest of its final weights.
+STEPS = """
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.nn.functional as F
+import gpt, shortcuts
+cfg = gpt.GPTConfig(vocab_size=50, context_length=24, emb_dim=512, n_heads=4, n_layers=2)
+torch.manual_seed(0)
+model = gpt.GPTModel(cfg)
+gpt.setup_classifier(model, 3)
+trunk = shortcuts.TrunkCache(model, pad_id=0)
+classifier = gpt.Classifier(model, autocast_dtype=getattr(torch, sys.argv[2], None),
+                            shortcuts=shortcuts.Shortcuts(trunk=trunk))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+gen = torch.Generator().manual_seed(1)
+x = torch.randint(1, cfg.vocab_size, (4, 12), generator=gen)
+y = torch.randint(0, 3, (4,), generator=gen)
+losses = []
+for _ in range(3):
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(classifier(x), y)
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+digest = hashlib.sha256()
+for v in model.state_dict().values():
+    digest.update(v.detach().float().numpy().tobytes())
+huge = [line.split()[1] for line in open("/proc/self/smaps_rollup")
+        if line.startswith("AnonHugePages")] if sys.platform == "linux" else ["0"]
+print(json.dumps({"losses": losses, "weights": digest.hexdigest(), "huge_kb": int(huge[0])}))
+"""
+
+
+def run_steps(thp, dtype):
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE=thp)
+    out = subprocess.run([sys.executable, "-c", STEPS, str(ROOT), dtype], env=env, check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torch's huge pages are Linux only")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_huge_pages_change_no_number(dtype):
+    off, on = run_steps("0", dtype), run_steps("1", dtype)
+    assert off["losses"] == on["losses"]
+    assert off["weights"] == on["weights"]
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.is_file() and "[never]" not in thp.read_text():  # the lever took effect
+        assert on["huge_kb"] > 0 and off["huge_kb"] == 0
+
+
+def test_huge_pages_are_asked_for_on_import_unless_the_environment_says_no(monkeypatch):
+    monkeypatch.setattr(shortcuts.platform, "system", lambda: "Linux")
+    monkeypatch.delenv(shortcuts.THP_ENV, raising=False)
+    assert shortcuts.use_huge_pages() is True and os.environ[shortcuts.THP_ENV] == "1"
+    monkeypatch.setenv(shortcuts.THP_ENV, "0")
+    assert shortcuts.use_huge_pages() is False and os.environ[shortcuts.THP_ENV] == "0"
