@@ -337,8 +337,7 @@ def make_datasets(cfg, splits, context, ctx):
     datasets = {"train": train_ds}
     for name in list(splits)[1:]:
         datasets[name] = data.TextDataset(splits[name], tokenizer, train_ds.max_length, pad=pad)
-    # A --context-length shorter than the texts (never the chapter's default); for own
-    # files, any text longer than the longest training text or the model's context.
+    # A short --context-length (never the chapter's default); own files: any text cut at all
     if train_ds.cut or (cfg.train_file is not None and any(ds.cut for ds in datasets.values())):
         print(data.cut_note(datasets))
     return datasets, pad
@@ -392,10 +391,10 @@ def build_classifier(model, cfg, device, on_full=None, position=None):
     chosen, note = None, None
     position = position or cfg.token_position or "last"
     if shortcuts.enabled(cfg):
-        max_bytes = shortcuts.cache_budget(cfg, device)
-        # nothing past a row's last real token is read at these positions
+        # (extend: nothing past a row's last real token is read at these positions)
         extend = position in ("flexible", "first") and not cfg.average_embeddings
-        chosen, note = shortcuts.for_training(model, max_bytes, on_full, data.PAD_ID, extend)
+        chosen, note = shortcuts.for_training(model, shortcuts.cache_budget(cfg, device),
+                                              on_full, data.PAD_ID, extend)
     classifier = gpt.Classifier(model, position=position, average=cfg.average_embeddings,
                                 autocast_dtype=gpt.PRECISIONS[cfg.precision], shortcuts=chosen)
     return classifier, note
@@ -644,14 +643,14 @@ def run(cfg, given=None):
         print(f"Training completed in {train_minutes:.2f} minutes.")
         best = long_run.keep_best()
 
-        # 6. The training loader shuffles and drops its last partial batch, so this pass leaves
-        # out a few examples (5 of 1,045); run.json names them so evaluate.py leaves out the same.
+        # 6. The training loader drops its last partial batch (5 of 1,045): run.json names them
         dropped = data.dropped_examples(loaders["train"])
         if said:
             print(said)
         final = final_accuracies(classifier, {n: loaders[n] for n in final_names}, device)
-        if not ddp.is_main():
-            return None  # rank 0 writes the run folder
+        if not ddp.is_main():  # rank 0 alone decides and writes; then all leave together
+            ddp.barrier()
+            return None
         record = decisions.after_training(classifier, datasets, device, cfg, labelled,  # 6b
                                           positive, final_names, dropped, report)
         run_info = {
@@ -666,6 +665,7 @@ def run(cfg, given=None):
                   "device": str(device), "device_name": ddp.device_name(device)}
         save_run(work, out, folder, model, base, cfg, history, final, run_info, timing,
                  record)  # 7: the decisions' record (step 6b) goes to run.json and metrics.json
+        ddp.barrier()
     return out
 
 
