@@ -177,7 +177,7 @@ def hf_config(model, info, pad_token_id, tokenizer_kwargs, temp):
     """config.json: GPT-2's hyperparameters, the class names, the pad id of `position_rule`."""
     cfg, names = model.cfg, info["class_names"]
     drop = cfg.drop_rate
-    config = {
+    settings = {
         "architectures": ["GPT2ForSequenceClassification"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
         "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
@@ -194,9 +194,9 @@ def hf_config(model, info, pad_token_id, tokenizer_kwargs, temp):
     }
     d = decision(info)
     if d:
-        config["decision_threshold"] = d["threshold"]
-        config["positive_class"] = d["positive_class"]
-    return config
+        settings["decision_threshold"] = d["threshold"]
+        settings["positive_class"] = d["positive_class"]
+    return settings
 
 
 def tokenizer_files(folder, info):

@@ -235,9 +235,9 @@ def _umask():
     return mask
 
 
-def write_atomic(path, data, sync=False):
+def write_atomic(path, content, sync=False):
     """Write bytes to `path` through a temporary file, so it is either absent or complete.
-    `data` may also be a function that writes to the open file (a large checkpoint, written
+    `content` may also be a function that writes to the open file (a large checkpoint, written
     without a copy of it in memory); `sync` makes the bytes reach the disk before the rename,
     so that a power cut too leaves the old file or the whole new one."""
     path = Path(path)
@@ -245,7 +245,7 @@ def write_atomic(path, data, sync=False):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            data(f) if callable(data) else f.write(data)
+            content(f) if callable(content) else f.write(content)
             if sync:
                 f.flush()
                 os.fsync(f.fileno())

@@ -133,14 +133,17 @@ def bound_names(module):
     return found
 
 
+# gpt.Classifier's one seam is named for what it takes; gpt.py may never import shortcuts.py
+SEAMS = {("gpt", "shortcuts")}
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_no_local_name_hides_a_project_module(name):
     """`files = {...}` in a module that imports files turns the next `files.RunError` into a
-    traceback: no name a module binds may be a project module it imports."""
-    module = tree(name)
-    imported = {a.name for n in module.body if isinstance(n, ast.Import) for a in n.names}
-    hiding = [f"{name}.py:{line} binds {bound}" for bound, line in bound_names(module)
-              if bound in imported & set(MODULES)]
+    traceback: no name a module binds may be a project module's (it imports it, or may one
+    day), but for the seams named above."""
+    hiding = [f"{name}.py:{line} binds {bound}" for bound, line in bound_names(tree(name))
+              if bound in set(MODULES) - {name} and (name, bound) not in SEAMS]
     assert not hiding, hiding
 
 
