@@ -192,5 +192,5 @@ def check_run(labelled, datasets, say=print):
 
 def full_report(labelled, datasets):
     """--check-data's text: check_datasets of a run's data.LabelledData and datasets, whole."""
-    return "\n".join(report_lines(check_datasets(labelled.splits, datasets,
-                                                  labelled.class_names, labelled.conflicts)))
+    report = check_datasets(labelled.splits, datasets, labelled.class_names, labelled.conflicts)
+    return "\n".join(report_lines(report))

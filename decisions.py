@@ -469,6 +469,31 @@ def operating_point(target, positive, class_names, val_logits, val_labels, tempe
     return decision, lines
 
 
+def temperature_of(info):
+    """The temperature the run's probabilities are divided by (run.json's calibration), 1.0
+    where none was fitted."""
+    t = (info.get("calibration") or {}).get("temperature", 1.0)
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise files.RunError(f"run.json's calibration.temperature is {t!r}, not a positive "
+                             "number; put it back as it was written, or calibrate again")
+    return float(t)
+
+
+def rule_of(info):
+    """run.json's decision rule ({positive_class, threshold, ...}), checked; None if none."""
+    d = info.get("decision")
+    if not d:
+        return None
+    if d.get("positive_class") not in info["class_names"] or \
+            not isinstance(d.get("threshold"), (int, float)) or not 0 <= d["threshold"] <= 1:
+        raise files.RunError(f"run.json's decision {d!r} names no class of the run or no "
+                             "threshold between 0 and 1; put it back as it was written")
+    return d
+
+
+# ----------------------------------------------------------------------------- Hugging Face tensors
+
+
 def decide(probs, class_names, decision):
     """The decision for one text's {class: probability} (calibrated): argmax without a
     decision; with one, its positive class where that probability is at or above the

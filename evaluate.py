@@ -36,17 +36,6 @@ import tables
 from decisions import class_scores  # (finetune.py's baseline line uses it too)
 
 
-def predictions(data_loader, model, device):
-    """(labels, predicted labels) over the whole loader, as two lists."""
-    model.eval()
-    labels, predicted = [], []
-    with torch.no_grad():
-        for input_batch, target_batch in data_loader:
-            predicted += torch.argmax(model(input_batch.to(device)), dim=-1).tolist()
-            labels += target_batch.tolist()
-    return labels, predicted
-
-
 def labels_and_logits(data_loader, model, device):
     """(labels (N,), logits (N, C) float64) over the whole loader, as numpy arrays."""
     model.eval()
@@ -59,11 +48,6 @@ def labels_and_logits(data_loader, model, device):
             np.concatenate(logits).astype(np.float64) if logits else np.zeros((0, 1)))
 
 
-def temperature(info):
-    """The run's calibration temperature (1.0 for a run made without one)."""
-    return (info.get("calibration") or {}).get("temperature", 1.0)
-
-
 def split_scores(labels, logits, info):
     """class_scores of the argmax (which no temperature changes), with the scores beyond
     accuracy under the run's temperature ("scores") and, where the run has a decision, the
@@ -72,10 +56,10 @@ def split_scores(labels, logits, info):
     if not len(labels):
         return class_scores([], [], names)
     result = class_scores(labels.tolist(), logits.argmax(axis=1).tolist(), names)
-    result["scores"] = decisions.probability_scores(logits, labels, temperature(info))
+    t = decisions.temperature_of(info)
+    result["scores"] = decisions.probability_scores(logits, labels, t)
     if info.get("decision"):
-        result["decision"] = decisions.at_threshold(logits, labels, names, info["decision"],
-                                                    temperature(info))
+        result["decision"] = decisions.at_threshold(logits, labels, names, info["decision"], t)
     return result
 
 
@@ -194,7 +178,7 @@ def predict_proba(texts, classifier, info, device, tokenizer=None, batch_size=No
         for ids, _ in text_loader([(0, t) for t in texts], info, tokenizer, batch_size):
             logits = classifier(ids.to(device))
             if "calibration" in info:  # the run's temperature: the same argmax, truer odds
-                logits = logits.float() / temperature(info)
+                logits = logits.float() / decisions.temperature_of(info)
             probs = torch.softmax(logits, dim=-1).cpu().tolist()
             out += [dict(zip(names, row)) for row in probs]
     return out

@@ -19,7 +19,6 @@ import dataclasses
 import importlib
 import io
 import json
-import math
 import os
 import platform
 import shutil
@@ -34,6 +33,7 @@ import torch
 import torch.nn as nn
 
 import data
+import decisions
 import files
 import gpt
 
@@ -100,30 +100,6 @@ def position_rule(info):
         f"the last real token of each text, cut to its first {n} tokens: pass truncation=True, "
         "as below; padding (to any length, on the right) changes nothing")
 
-
-def temperature(info):
-    """The temperature the run's probabilities are divided by (run.json's calibration), 1.0
-    where none was fitted."""
-    t = (info.get("calibration") or {}).get("temperature", 1.0)
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
-        raise files.RunError(f"run.json's calibration.temperature is {t!r}, not a positive "
-                             "number; put it back as it was written, or calibrate again")
-    return float(t)
-
-
-def decision(info):
-    """run.json's decision rule ({positive_class, threshold, ...}), checked; None if none."""
-    d = info.get("decision")
-    if not d:
-        return None
-    if d.get("positive_class") not in info["class_names"] or \
-            not isinstance(d.get("threshold"), (int, float)) or not 0 <= d["threshold"] <= 1:
-        raise files.RunError(f"run.json's decision {d!r} names no class of the run or no "
-                             "threshold between 0 and 1; put it back as it was written")
-    return d
-
-
-# ----------------------------------------------------------------------------- Hugging Face tensors
 
 def hf_name(ours_template, theirs_template, i):
     return ours_template.format(i=i), "transformer." + theirs_template.format(i=i)
@@ -192,7 +168,7 @@ def hf_config(model, info, pad_token_id, tokenizer_kwargs, temp):
                           "max_length": info["max_length"], "temperature": temp,
                           "tokenizer_call": tokenizer_kwargs, "run_id": info.get("run_id")},
     }
-    d = decision(info)
+    d = decisions.rule_of(info)
     if d:
         settings["decision_threshold"] = d["threshold"]
         settings["positive_class"] = d["positive_class"]
@@ -325,7 +301,7 @@ def model_card(run_dir, info, metrics, rule, tokenizer_kwargs, temp, precision_n
         source = ("the SMS Spam Collection (Almeida and Gómez Hidalgo, UCI Machine Learning "
                   f"Repository, CC BY 4.0), `{src.get('path', 'downloaded')}`")
     kwargs = call_text(tokenizer_kwargs)
-    d = decision(info)
+    d = decisions.rule_of(info)
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-classification",
         "tags:", "- gpt2", "- text-classification", "- gpt2-classify", "---", "",
@@ -476,8 +452,8 @@ def export_hf(run_dir, classifier, info, out, overwrite=False):
     "precision_difference": from the run's bf16 or fp16 (None for fp32), "rule": in words,
     "tokenizer_kwargs": what a user passes to the tokenizer or the pipeline}."""
     pad_token_id, tokenizer_kwargs, rule = position_rule(info)
-    temp = temperature(info)
-    decision(info)
+    temp = decisions.temperature_of(info)
+    decisions.rule_of(info)
     model = classifier.gpt
     tensors = hf_tensors(model, temp)
     batches = probe_batches(info, data.get_tokenizer())
@@ -559,7 +535,7 @@ def export_onnx(run_dir, classifier, info, out):
     (batch, classes) float32), with the run's choices in its metadata; checked with
     onnxruntime first. Returns {"max_difference": in a logit, on PROBES}."""
     onnx, ort = onnx_modules()
-    temp = temperature(info)
+    temp = decisions.temperature_of(info)
     graph = onnx_graph(classifier, info, temp)
     size = sum(p.numel() * 4 for p in graph.parameters())
     if size > ONNX_LIMIT - (64 << 20):
@@ -573,7 +549,7 @@ def export_onnx(run_dir, classifier, info, out):
                           output_names=["logits"], opset_version=17, dynamo=False,
                           dynamic_axes={"input_ids": {0: "batch", 1: "length"},
                                         "logits": {0: "batch"}})
-    d = decision(info)
+    d = decisions.rule_of(info)
     meta = {"class_names": info["class_names"], "max_length": info["max_length"],
             "pad_id": info.get("pad_id", data.PAD_ID), "token_position": info["token_position"],
             "average_embeddings": info["average_embeddings"], "padding": info["padding"],

@@ -105,7 +105,7 @@ def test_no_examples_give_zeros_not_an_error():
     assert s["confusion"] == [[0, 0], [0, 0]]
 
 
-def test_predictions_returns_labels_then_predictions_in_loader_order():
+def test_labels_and_logits_come_in_loader_order():
     logits = torch.tensor([[0.0, 5.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
     batches = [(torch.tensor([[0], [1]]), torch.tensor([2, 0])),
                (torch.tensor([[2], [3]]), torch.tensor([2, 2]))]
@@ -114,7 +114,8 @@ def test_predictions_returns_labels_then_predictions_in_loader_order():
         def forward(self, ids):
             return logits[ids[:, 0]]
 
-    labels, predicted = evaluate.predictions(batches, Lookup(), CPU)
+    labels, logits = evaluate.labels_and_logits(batches, Lookup(), CPU)
+    labels, predicted = labels.tolist(), logits.argmax(axis=1).tolist()
     assert labels == [2, 0, 2, 2] and predicted == [1, 0, 2, 1]
 
 

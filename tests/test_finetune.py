@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import decisions
 import evaluate
 import files
 import finetune
@@ -165,7 +166,7 @@ def test_evaluate_classifies_new_text(finished_run, capsys, monkeypatch):
     # What the chapter's classify_review gives with the saved weights: the last position of the
     # text padded to the training length (120), its argmax class and that class's probability.
     classifier, info = evaluate.load_run(run_dir, torch.device("cpu"))
-    model, t = classifier.gpt, evaluate.temperature(info)  # calibrated: softmax(logits / T)
+    model, t = classifier.gpt, decisions.temperature_of(info)  # calibrated: softmax(logits / T)
     tokenizer = data.get_tokenizer()
     for line, text in zip(lines, texts):
         label, prob, shown = re.fullmatch(r"(spam|not spam)\s+(\d\.\d{4})  (.*)", line).groups()
@@ -191,7 +192,7 @@ def test_classify_matches_the_batched_forward(finished_run):
     with torch.no_grad():
         logits = classifier.gpt(ids)[:, -1, :]
     assert label == info["class_names"][int(logits.argmax())]
-    t = evaluate.temperature(info)  # the run's calibration: softmax(logits / T)
+    t = decisions.temperature_of(info)  # the run's calibration: softmax(logits / T)
     assert prob == pytest.approx(float(torch.softmax(logits / t, -1).max()), abs=1e-6)
     # ... through the inference shortcuts: FrozenBlocks before the last block, which runs at
     # the classified position only

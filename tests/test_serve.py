@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import data
+import decisions
 import ddp
 import evaluate
 import finetune
@@ -144,7 +145,7 @@ def test_long_texts_are_cut_as_in_training_and_flagged(server, loaded):
     ids = data.encode(texts[0], tokenizer, info["max_length"], pad=info["padding"])
     with torch.no_grad():
         probs = torch.softmax(classifier(torch.tensor([ids], device=device)) /
-                              evaluate.temperature(info), dim=-1)[0]  # calibrated
+                              decisions.temperature_of(info), dim=-1)[0]  # calibrated
     assert list(first["probabilities"].values()) == pytest.approx(probs.tolist(), abs=1e-6)
 
 
@@ -917,7 +918,7 @@ def test_a_text_of_exactly_the_runs_length_is_whole_and_one_more_token_is_cut(st
     ids = data.encode(exact, tokenizer, n, pad=info["padding"])
     with torch.no_grad():
         probs = torch.softmax(classifier(torch.tensor([ids], device=device)) /
-                              evaluate.temperature(info), dim=-1)[0]  # calibrated
+                              decisions.temperature_of(info), dim=-1)[0]  # calibrated
     assert list(whole["probabilities"].values()) == pytest.approx(probs.tolist(), abs=1e-6)
     assert cut["probabilities"] == pytest.approx(whole["probabilities"], abs=1e-6)
 

@@ -30,7 +30,7 @@ ALLOWED = {
                  "serve", "tables"},
     "serve": {"data", "ddp", "decisions", "files", "gpt", "shortcuts", "evaluate"},
     "experiments": {"config", "data", "files", "finetune", "gpt"},
-    "export": {"data", "files", "gpt"},
+    "export": {"data", "decisions", "files", "gpt"},
 }
 # The most lines a module may grow to before it should be split by concern.
 MAX_LINES = 800
