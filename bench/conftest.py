@@ -93,6 +93,13 @@ def pytest_addoption(parser):
                     "the current directory; in the smoke pass nothing unless given)")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """setup.cfg spreads tests/ over the cores with `-n auto`; timings taken beside other workers
+    would measure them too (pytest-benchmark turns itself off under xdist), so bench/ runs in one
+    process."""
+    return 0
+
+
 def pytest_configure(config):
     config.stash[RESULTS] = Results(time.time(), _loadavg())
 

@@ -12,8 +12,13 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per process, in the tests and in every process they start: setup.cfg runs the suite
+# on all cores (pytest-xdist), and on 2 cores a process with 2 threads beside another worker has
+# its threads wait for each other. The models here are tiny, so one thread loses nothing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402 (after the variable, which torch reads when it loads)
+import torch  # noqa: E402
 
 # The real data: $SMS_SPAM_DATA (as the benchmarks read it), else a copy beside the repository.
 DEFAULT_RAW_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / \

@@ -139,6 +139,21 @@ def data_args(kind, tmp_path, small_raw_path, raw_path_fn):
     return ["--train-file", train, "--val-file", val, "--test-frac", "0.2"]
 
 
+@pytest.fixture(scope="module")
+def whole_runs(tmp_path_factory):
+    """The uninterrupted run of each (data, flags), made once: some cases kill the same run at
+    other points. Returns (its folder, what it printed)."""
+    made = {}
+
+    def whole(kind, extra, args, capsys):
+        key = (kind, *extra)
+        if key not in made:
+            out = tmp_path_factory.mktemp("whole") / "run"
+            made[key] = out, main_out(capsys, args + ["--output-dir", out])
+        return made[key]
+    return whole
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, extra, at, how", [
     ("sms", [], 2, "after"),
@@ -163,11 +178,12 @@ def data_args(kind, tmp_path, small_raw_path, raw_path_fn):
         "within-an-epoch", "own-lora-within-an-epoch", "keep-best", "real-sms",
         "own-epoch-3", "own-within-an-epoch", "own-grouped"])
 def test_a_run_killed_and_resumed_ends_as_the_run_never_stopped(
-        tmp_path, capsys, tiny_weights, small_raw_path, request, kind, extra, at, how):
+        tmp_path, capsys, tiny_weights, small_raw_path, request, whole_runs, kind, extra, at,
+        how):
     args = ["--weights", tiny_weights, *data_args(
         kind, tmp_path, small_raw_path, lambda: request.getfixturevalue("raw_path")),
         *QUICK, *extra]
-    whole_out = main_out(capsys, args + ["--output-dir", tmp_path / "whole"])
+    whole, whole_out = whole_runs(kind, extra, args, capsys)
 
     run = tmp_path / "run"
     killed_out = killed_run(tmp_path, args + ["--output-dir", run], at, how)
@@ -175,19 +191,19 @@ def test_a_run_killed_and_resumed_ends_as_the_run_never_stopped(
     # resumed with the whole command line again (the same flags are not a change)
     resumed_out = main_out(capsys, args + ["--output-dir", run, "--resume"])
 
-    assert_same_run(run, tmp_path / "whole")
-    whole = reference.chapter_lines(whole_out)
+    assert_same_run(run, whole)
+    whole_lines = reference.chapter_lines(whole_out)
     # what was printed before the kill and after the resume: the uninterrupted run's lines
     kept = reference.chapter_lines(killed_out)
-    steps = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
+    steps = json.loads((whole / "metrics.json").read_text())["history"]
     if how == "during" or "--checkpoint-every" in extra:  # some lines came after the checkpoint
-        kept = kept[:len(whole) - len(reference.chapter_lines(resumed_out))]
-    assert kept + reference.chapter_lines(resumed_out) == whole
+        kept = kept[:len(whole_lines) - len(reference.chapter_lines(resumed_out))]
+    assert kept + reference.chapter_lines(resumed_out) == whole_lines
     assert resumed_out.startswith(f"Resumed {run} from its checkpoint (")
     # the log goes on from the checkpoint: its lines are the uninterrupted run's
     log = (run / "log.txt").read_text()
     assert reference.chapter_lines(log) == reference.chapter_lines(
-        (tmp_path / "whole" / "log.txt").read_text())
+        (whole / "log.txt").read_text())
     extra_lines = [line for line in whole_out.splitlines() if line.startswith(
         ("Whole validation", "Early stopping", "Kept the weights"))]
     assert [line for line in log.splitlines() if line in extra_lines] == extra_lines

@@ -772,54 +772,59 @@ def test_training_on_a_cpu_keeps_freed_memory(monkeypatch):
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A few cached training steps of a small model (its feed-forward weights 4 MiB each), in a
-# fresh process (torch reads the variable once, at its first large allocation): its losses and
-# a digest of its final weights.
+# A few cached training steps of a small model (its feed-forward weights 4 MiB each), in float32
+# and then bfloat16, in a fresh process (torch reads the variable once, at its first large
+# allocation): per precision, its losses and a digest of its final weights.
 STEPS = """
 import hashlib, json, sys
 sys.path.insert(0, sys.argv[1])
 import torch, torch.nn.functional as F
 import gpt, shortcuts
 cfg = gpt.GPTConfig(vocab_size=50, context_length=24, emb_dim=512, n_heads=4, n_layers=2)
-torch.manual_seed(0)
-model = gpt.GPTModel(cfg)
-gpt.setup_classifier(model, 3)
-trunk = shortcuts.TrunkCache(model, pad_id=0)
-classifier = gpt.Classifier(model, autocast_dtype=getattr(torch, sys.argv[2], None),
-                            shortcuts=shortcuts.Shortcuts(trunk=trunk))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
-gen = torch.Generator().manual_seed(1)
-x = torch.randint(1, cfg.vocab_size, (4, 12), generator=gen)
-y = torch.randint(0, 3, (4,), generator=gen)
-losses = []
-for _ in range(3):
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(classifier(x), y)
-    loss.backward()
-    opt.step()
-    losses.append(loss.item())
-digest = hashlib.sha256()
-for v in model.state_dict().values():
-    digest.update(v.detach().float().numpy().tobytes())
+result = {}
+for dtype in sys.argv[2:]:
+    torch.manual_seed(0)
+    model = gpt.GPTModel(cfg)
+    gpt.setup_classifier(model, 3)
+    trunk = shortcuts.TrunkCache(model, pad_id=0)
+    classifier = gpt.Classifier(model, autocast_dtype=getattr(torch, dtype, None),
+                                shortcuts=shortcuts.Shortcuts(trunk=trunk))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(1, cfg.vocab_size, (4, 12), generator=gen)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(classifier(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    digest = hashlib.sha256()
+    for v in model.state_dict().values():
+        digest.update(v.detach().float().numpy().tobytes())
+    result[dtype] = {"losses": losses, "weights": digest.hexdigest()}
 huge = [line.split()[1] for line in open("/proc/self/smaps_rollup")
         if line.startswith("AnonHugePages")] if sys.platform == "linux" else ["0"]
-print(json.dumps({"losses": losses, "weights": digest.hexdigest(), "huge_kb": int(huge[0])}))
+print(json.dumps({"runs": result, "huge_kb": int(huge[0])}))
 """
+DTYPES = ("float32", "bfloat16")
 
 
-def run_steps(thp, dtype):
+def run_steps(thp):
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE=thp)
-    out = subprocess.run([sys.executable, "-c", STEPS, str(ROOT), dtype], env=env, check=True,
-                         capture_output=True, text=True, timeout=300).stdout
+    out = subprocess.run([sys.executable, "-c", STEPS, str(ROOT), *DTYPES], env=env,
+                         check=True, capture_output=True, text=True, timeout=300).stdout
     return json.loads(out.splitlines()[-1])
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torch's huge pages are Linux only")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_huge_pages_change_no_number(dtype):
-    off, on = run_steps("0", dtype), run_steps("1", dtype)
-    assert off["losses"] == on["losses"]
-    assert off["weights"] == on["weights"]
+def test_huge_pages_change_no_number():
+    off, on = run_steps("0"), run_steps("1")
+    for dtype in DTYPES:
+        assert off["runs"][dtype]["losses"] == on["runs"][dtype]["losses"], dtype
+        assert off["runs"][dtype]["weights"] == on["runs"][dtype]["weights"], dtype
+    assert off["runs"]["float32"]["losses"] != off["runs"]["bfloat16"]["losses"]
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.is_file() and "[never]" not in thp.read_text():  # the lever took effect
         assert on["huge_kb"] > 0 and off["huge_kb"] == 0
