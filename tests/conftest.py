@@ -222,13 +222,22 @@ def tiny_run(out, *args, weights=None, data=None):
     return buf.getvalue()
 
 
-def one_error_line(module, args, capsys=None):
-    """The one `error: ...` line that `module.main(args)` exits with: no traceback, no second
-    line (and, given capsys, nothing else printed to stderr)."""
-    with pytest.raises(SystemExit) as e:
-        module.main([str(a) for a in args])
-    message = str(e.value.code)
+def error_line(excinfo):
+    """The message of a SystemExit caught by pytest.raises: one line, starting `error: `."""
+    message = str(excinfo.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
+    assert "Traceback" not in message
+    return message
+
+
+def one_error_line(main, args, capsys=None):
+    """The one `error: ...` line that `main(args)` exits with (`main`: a module's main, or the
+    module itself): no traceback, no second line (and, given capsys, nothing else printed to
+    stderr)."""
+    main = getattr(main, "main", main)
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    message = error_line(e)
     if capsys is not None:
         out = capsys.readouterr()
         assert "Traceback" not in out.err + out.out, out.err

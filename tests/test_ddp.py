@@ -75,7 +75,7 @@ def assert_same_log(two, one):
             assert a == b
 
 
-def one_error_line(text):
+def error_line_in(text):
     lines = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, text
     # No traceback from our own code on any process (torchrun adds its own failure summary).
@@ -144,7 +144,7 @@ def test_a_failure_on_one_process_ends_both(tmp_path, tiny_weights, raw_path):
     result = torchrun(["--weights", tiny_weights, "--data", raw_path, *FLAGS,
                        "--output-dir", out], cwd=tmp_path, script=script, timeout=60)
     assert result.returncode != 0
-    assert str(missing) in one_error_line(result.stdout + result.stderr)
+    assert str(missing) in error_line_in(result.stdout + result.stderr)
     assert not out.exists()  # the processes wait for each other's checks before rank 0 makes it
 
 
@@ -153,7 +153,7 @@ def test_a_batch_that_does_not_split_evenly_is_refused_once(tmp_path, tiny_weigh
                        "--batch-size", "7", "--output-dir", tmp_path / "run"], cwd=tmp_path,
                       timeout=60)
     assert result.returncode != 0
-    line = one_error_line(result.stdout + result.stderr)
+    line = error_line_in(result.stdout + result.stderr)
     assert "--batch-size 7 does not split evenly over 2 processes" in line
     assert not (tmp_path / "run").exists()
 

@@ -22,6 +22,7 @@ import finetune
 import gpt
 import serve
 import tables
+from conftest import error_line, one_error_line
 
 
 # -------------------------------------------------------------------------------------- messages
@@ -56,14 +57,6 @@ def small_run(tmp_path_factory, tiny_weights, sms_file):
         mp.setattr(sys, "stdout", buf)
         finetune.main(quick(tiny_weights, sms_file, out))
     return out, buf.getvalue()
-
-
-def one_error_line(excinfo):
-    """The SystemExit's message: one line starting `error:`."""
-    message = str(excinfo.value)
-    assert message.startswith("error: ") and "\n" not in message, message
-    assert "Traceback" not in message
-    return message
 
 
 # ----------------------------------------------------------------------------- the published data
@@ -149,7 +142,7 @@ def test_all_splits_names_the_missing_data(small_run, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "fetch", no_download)
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--run", str(moved), "--all-splits"])
-    message = one_error_line(e)
+    message = error_line(e)
     assert "gone" in message and "--data PATH" in message and info["data"]["sha256"] in message
 
 
@@ -182,11 +175,11 @@ def test_a_damaged_zip_is_one_line_in_both_scripts(tmp_path, tiny_weights, small
     path = damaged_zip(tmp_path)
     with pytest.raises(SystemExit) as e:
         finetune.main(quick(tiny_weights, path, tmp_path / "run"))
-    assert "broken zip" in one_error_line(e) and str(path) in str(e.value)
+    assert "broken zip" in error_line(e) and str(path) in str(e.value)
     run_dir, _ = small_run
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--run", str(run_dir), "--all-splits", "--data", str(path)])
-    assert "broken zip" in one_error_line(e) and "download it again" in str(e.value)
+    assert "broken zip" in error_line(e) and "download it again" in str(e.value)
 
 
 def test_a_truncated_zip_is_called_cut_short(tmp_path, tiny_weights):
@@ -197,14 +190,14 @@ def test_a_truncated_zip_is_called_cut_short(tmp_path, tiny_weights):
     cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
     with pytest.raises(SystemExit) as e:
         finetune.main(quick(tiny_weights, cut, tmp_path / "run"))
-    message = one_error_line(e)
+    message = error_line(e)
     assert "zip file cut short" in message and "UTF-8" not in message
 
 
 def test_a_folder_as_data_is_called_a_folder(tmp_path, tiny_weights, sms_file):
     with pytest.raises(SystemExit) as e:
         finetune.main(quick(tiny_weights, sms_file.parent, tmp_path / "run"))
-    message = one_error_line(e)
+    message = error_line(e)
     assert "is a folder" in message and "does not exist" not in message
     assert f"did you mean {sms_file}" in message  # it holds the file
 
@@ -216,7 +209,7 @@ def test_a_latin1_file_gives_the_byte_and_the_fix(tmp_path, tiny_weights):
     assert raw.index(b"\xe9") == 17
     with pytest.raises(SystemExit) as e:
         finetune.main(quick(tiny_weights, path, tmp_path / "run"))
-    message = one_error_line(e)
+    message = error_line(e)
     assert "not UTF-8" in message and "byte 17 (line 2) is 0xe9" in message
     assert "re-encode it as UTF-8" in message
 
@@ -236,7 +229,7 @@ def test_a_run_json_missing_a_key_names_it(small_run, tmp_path, key):
     (edited / "run.json").write_text(json.dumps(info))
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--run", str(edited), "--text", "hello"])
-    message = one_error_line(e)
+    message = error_line(e)
     assert f"has no '{key}'" in message and "run.json" in message
 
 
@@ -245,7 +238,7 @@ def test_a_run_json_missing_a_key_names_it(small_run, tmp_path, key):
 def test_a_context_length_past_the_model_says_so(tmp_path, tiny_weights, sms_file):
     with pytest.raises(SystemExit) as e:
         finetune.main(quick(tiny_weights, sms_file, tmp_path / "run", "--context-length", "5000"))
-    message = one_error_line(e)
+    message = error_line(e)
     assert "--context-length 5000 is longer than the model's context" in message
     assert "the model takes 128 tokens" in message and "has 5000 tokens" not in message
 
@@ -341,7 +334,7 @@ def test_empty_stdin_says_there_was_no_text(small_run, monkeypatch, raw):
     monkeypatch.setattr(sys, "stdin", stdin_of(raw))
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--run", str(run_dir), "--stdin"])
-    assert "standard input held no text" in one_error_line(e)
+    assert "standard input held no text" in error_line(e)
 
 
 def test_stdin_that_is_not_utf8_is_one_line(small_run, monkeypatch):
@@ -349,7 +342,7 @@ def test_stdin_that_is_not_utf8_is_one_line(small_run, monkeypatch):
     monkeypatch.setattr(sys, "stdin", stdin_of("see you\ncaf\xe9 at 5\n".encode("latin-1")))
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--run", str(run_dir), "--stdin"])
-    message = one_error_line(e)
+    message = error_line(e)
     assert "standard input is not UTF-8" in message and "line 2" in message
 
 
@@ -476,19 +469,13 @@ def two_class_rows(n=12, labels=("0", "1")):
             for i in range(n)]
 
 
-def main_error(args):
-    """finetune.main's one `error:` line for `args`."""
-    with pytest.raises(SystemExit) as e:
-        finetune.main(list(map(str, args)))
-    return one_error_line(e)
-
-
 def test_final_splits_naming_a_split_the_run_lacks_is_one_error_line(tmp_path, tiny_weights):
     train = own_csv(tmp_path / "train.csv", two_class_rows())
     val = own_csv(tmp_path / "val.csv", two_class_rows(4))
-    line = main_error(["--weights", tiny_weights, "--train-file", train, "--val-file", val,
-                       "--output-dir", tmp_path / "run", "--device", "cpu", "--final-splits",
-                       "test", "--no-initial-eval", "--max-steps", "1"])
+    line = one_error_line(finetune, [
+        "--weights", tiny_weights, "--train-file", train, "--val-file", val, "--output-dir",
+        tmp_path / "run", "--device", "cpu", "--final-splits", "test", "--no-initial-eval",
+        "--max-steps", "1"])
     assert line.startswith("error: --final-splits test names test, which this run does not have "
                            "(its splits: train, validation); name only those, or pass all")
     assert not (tmp_path / "run").exists()  # refused before training, not after
@@ -496,9 +483,9 @@ def test_final_splits_naming_a_split_the_run_lacks_is_one_error_line(tmp_path, t
 
 def test_labels_given_as_label_names_say_the_labels_meant(tmp_path, tiny_weights):
     train = own_csv(tmp_path / "train.csv", two_class_rows())
-    line = main_error(["--weights", tiny_weights, "--train-file", train, "--label-names",
-                       "0=ham,1=spam", "--labels", "spam,ham", "--output-dir", tmp_path / "run",
-                       "--device", "cpu"])
+    line = one_error_line(finetune, [
+        "--weights", tiny_weights, "--train-file", train, "--label-names", "0=ham,1=spam",
+        "--labels", "spam,ham", "--output-dir", tmp_path / "run", "--device", "cpu"])
     assert line.startswith(f"error: --labels spam,ham lists the names --label-names gives, but "
                            f"--labels lists the labels as {train} writes them; pass --labels 1,0")
     assert tables.file_data(train, labels="1,0", label_names="0=ham,1=spam").class_names == \
@@ -508,8 +495,9 @@ def test_labels_given_as_label_names_say_the_labels_meant(tmp_path, tiny_weights
 def test_a_test_file_without_labels_points_to_predict(tmp_path, tiny_weights):
     train = own_csv(tmp_path / "train.csv", two_class_rows())
     texts = own_csv(tmp_path / "texts.csv", ["a text to classify", "another"], header="text")
-    line = main_error(["--weights", tiny_weights, "--train-file", train, "--test-file", texts,
-                       "--output-dir", tmp_path / "run", "--device", "cpu"])
+    line = one_error_line(finetune, [
+        "--weights", tiny_weights, "--train-file", train, "--test-file", texts, "--output-dir",
+        tmp_path / "run", "--device", "cpu"])
     assert line.startswith(f"error: {texts} has no label column 'label' (its columns: 'text'); "
                            "a file of texts without labels is not for training: classify it "
                            "after training with python evaluate.py --run DIR --predict FILE "
@@ -539,15 +527,6 @@ def test_end_of_text_inside_a_served_text_is_classified_as_text():
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = 200 * 1024  # characters: over the csv module's default field limit of 128 KiB
-
-
-def error_of(module, args):
-    """The one `error:` line `module.main(args)` exits with."""
-    with pytest.raises(SystemExit) as e:
-        module.main(list(map(str, args)))
-    message = str(e.value)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 def data_error(fn, *args, **kw):
@@ -619,8 +598,8 @@ def test_a_stray_quote_in_a_csv_is_refused_naming_the_row_and_line(tmp_path):
     lines = list(body)
     lines[10] = '"' + lines[10]
     write(tmp_path / "d.csv", "text,label\n" + "\n".join(lines) + "\n")
-    message = error_of(finetune, ["--train-file", tmp_path / "d.csv", "--output-dir",
-                                  tmp_path / "run"])
+    message = one_error_line(finetune, ["--train-file", tmp_path / "d.csv", "--output-dir",
+                                        tmp_path / "run"])
     assert "d.csv row 12 (line 12)" in message
     assert not (tmp_path / "run").exists()
 
@@ -763,10 +742,10 @@ def test_label_names_travel_with_the_run(named_run, tmp_path, capsys):
 def test_bad_label_names_get_one_line(tmp_path, spec, pattern):
     train = write(tmp_path / "train.csv", "text,label\n" + "".join(
         f"t{i},{i % 2}\n" for i in range(20)))
-    message = error_of(finetune, ["--train-file", train, "--label-names", spec,
-                                  "--output-dir", tmp_path / "run"])
+    message = one_error_line(finetune, ["--train-file", train, "--label-names", spec,
+                                        "--output-dir", tmp_path / "run"])
     assert re.search(pattern, message), message
-    assert "--label-names goes with --train-file" in error_of(
+    assert "--label-names goes with --train-file" in one_error_line(
         finetune, ["--label-names", spec, "--output-dir", tmp_path / "run"])
 
 
@@ -810,26 +789,26 @@ def test_a_pipe_or_device_is_not_called_missing(tmp_path, named_run):
             (finetune, ["--data", "/dev/zero", "--output-dir", tmp_path / "run"]),
             (evaluate, ["--run", run, "--predict", fifo, "--output", tmp_path / "p.csv"]),
             (evaluate, ["--run", run, "--file", "/dev/zero", "--format", "csv"])):
-        message = error_of(module, args)
+        message = one_error_line(module, args)
         assert "is not a regular file (a pipe, socket or device)" in message, message
         assert "does not exist" not in message and "save them to a file" in message
 
 
 def test_a_model_folder_as_run_is_named_a_model_folder(tiny_hf_dir, tmp_path):
     folder, _ = tiny_hf_dir
-    message = error_of(evaluate, ["--run", folder, "--text", "hi"])
+    message = one_error_line(evaluate, ["--run", folder, "--text", "hi"])
     assert f"{folder} is a model folder (config.json), not a run of finetune.py" in message
     assert "did not finish" not in message and f"--weights {folder}" in message
     (tmp_path / "empty").mkdir()
-    message = error_of(evaluate, ["--run", tmp_path / "empty", "--text", "hi"])
+    message = one_error_line(evaluate, ["--run", tmp_path / "empty", "--text", "hi"])
     assert "is not a finished run of finetune.py, nor one that started" in message
     assert "did not finish" not in message
 
 
 def test_output_extension_and_tsv_output(named_run, tmp_path):
     run, folder = named_run
-    message = error_of(evaluate, ["--run", run, "--predict", folder / "train.csv", "--output",
-                                  tmp_path / "pred.txt"])
+    message = one_error_line(evaluate, ["--run", run, "--predict", folder / "train.csv", "--output",
+                                        tmp_path / "pred.txt"])
     assert "--output" in message and "name it .csv, .tsv or .jsonl" in message
     assert "--format" not in message
 
@@ -848,16 +827,16 @@ def test_a_hand_edited_run_json_is_refused_naming_it(named_run, tmp_path, edit, 
     info = json.loads((copy / "run.json").read_text())
     assert info["padding"] == "batch" and info["token_position"] == "flexible"
     (copy / "run.json").write_text(json.dumps({**info, **edit}))
-    message = error_of(evaluate, ["--run", copy, "--text", "hi"])
+    message = one_error_line(evaluate, ["--run", copy, "--text", "hi"])
     assert re.search(pattern, message) and str(copy / "run.json") in message, message
 
 
 def test_huge_class_weights_are_blamed_not_the_learning_rate(tmp_path, tiny_weights):
     train = write(tmp_path / "train.csv", "text,label\n" + "".join(
         f"{t},{y}\n" for y, t in labelled_rows(30)))
-    message = error_of(finetune, ["--train-file", train, "--class-weights", "1e38,1e38",
-                                  "--batch-size", "4",
-                                  *quick_user_faults(tiny_weights, tmp_path / "run")])
+    message = one_error_line(finetune, ["--train-file", train, "--class-weights", "1e38,1e38",
+                                        "--batch-size", "4",
+                                        *quick_user_faults(tiny_weights, tmp_path / "run")])
     assert "training diverged" in message and "smaller --class-weights (now 1e38,1e38" in message
 
 
@@ -881,28 +860,28 @@ def test_split_advice_and_note_fit_what_was_asked(tmp_path):
 def test_a_file_without_labels_is_pointed_to_predict(named_run, tmp_path):
     run, _ = named_run
     texts = write(tmp_path / "texts.csv", "text\nhello there\nwin cash\n")
-    message = error_of(evaluate, ["--run", run, "--file", texts])
+    message = one_error_line(evaluate, ["--run", run, "--file", texts])
     assert f"--predict {texts} --output OUT" in message
 
 
 def test_a_header_less_file_is_told_to_add_a_header(named_run, tmp_path):
     run, _ = named_run
     texts = write(tmp_path / "texts.csv", "hello there, friend\nwin cash now!\n")
-    message = error_of(evaluate, ["--run", run, "--predict", texts, "--output",
-                                  tmp_path / "p.csv"])
+    message = one_error_line(evaluate, ["--run", run, "--predict", texts, "--output",
+                                        tmp_path / "p.csv"])
     assert "its first row looks like data, not a header: add a first line naming the columns " \
         "('text')" in message, message
     # a header that merely names another column is still told about --text-column
     named = write(tmp_path / "named.csv", "body\nhello\n")
-    message = error_of(evaluate, ["--run", run, "--predict", named, "--output",
-                                  tmp_path / "p.csv"])
+    message = one_error_line(evaluate, ["--run", run, "--predict", named, "--output",
+                                        tmp_path / "p.csv"])
     assert message.endswith("pass --text-column NAME")
 
 
 def test_an_early_error_says_no_run_folder_was_made(tmp_path, capsys):
     bad = write(tmp_path / "t.csv", "text,label\nhi,\n")
     out = tmp_path / "run"
-    message = error_of(finetune, ["--train-file", bad, "--output-dir", out])
+    message = one_error_line(finetune, ["--train-file", bad, "--output-dir", out])
     assert capsys.readouterr().out.startswith(f"Run folder: {out}")  # the log's first line
     assert message.endswith(f"(nothing was written: the run folder {out} was not made)")
     assert not out.exists()

@@ -24,6 +24,7 @@ import data
 import evaluate
 import export
 import finetune
+from conftest import one_error_line
 
 pytestmark = pytest.mark.slow  # tiny finetune.py runs
 transformers = pytest.importorskip("transformers")
@@ -105,15 +106,6 @@ def run_export(run, fmt, out, *extra):
     with contextlib.redirect_stdout(buf):
         evaluate.main(["--run", str(run), "--export", fmt, str(out), *map(str, extra)])
     return buf.getvalue()
-
-
-def error_of(args):
-    """The one `error:` line evaluate.main(args) exits with."""
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(list(map(str, args)))
-    message = str(e.value)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 def pipeline_call(folder):
@@ -288,7 +280,7 @@ def test_a_position_transformers_cannot_read_is_refused(runs, tmp_path, change, 
     for k, v in change.items():
         info[k] = {**info[k], **v} if isinstance(v, dict) else v
     (run / "run.json").write_text(json.dumps(info))
-    message = error_of(["--run", run, "--export", "hf", tmp_path / "out"])
+    message = one_error_line(evaluate, ["--run", run, "--export", "hf", tmp_path / "out"])
     assert said in message and "train it again with --token-position flexible" in message
     assert "--export onnx" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written
@@ -340,7 +332,8 @@ def test_onnxruntime_gives_the_runs_logits(runs, tmp_path, name, change):
 
 def test_without_the_export_extra_onnx_says_how_to_install_it(runs, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
-    message = error_of(["--run", runs["last"], "--export", "onnx", tmp_path / "m.onnx"])
+    message = one_error_line(evaluate, ["--run", runs["last"],
+                             "--export", "onnx", tmp_path / "m.onnx"])
     assert 'pip install -e ".[export]"' in message
     assert not list(tmp_path.iterdir())
 
@@ -351,22 +344,26 @@ def test_bad_runs_and_bad_targets_are_one_error_line_each(runs, exported, tmp_pa
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "log.txt").write_text("Ep 1 (Step 000000): ...\n")
-    assert "not a finished run" in error_of(["--run", unfinished, "--export", "hf",
-                                             tmp_path / "a"])
+    assert "not a finished run" in one_error_line(evaluate, ["--run", unfinished, "--export", "hf",
+                                                             tmp_path / "a"])
     no_weights = tmp_path / "no-weights"
     shutil.copytree(runs["flexible"], no_weights)
     info = json.loads((no_weights / "run.json").read_text())
     (no_weights / info["weights_file"]).unlink()
-    message = error_of(["--run", no_weights, "--export", "hf", tmp_path / "b"])
+    message = one_error_line(evaluate, ["--run", no_weights, "--export", "hf", tmp_path / "b"])
     assert info["weights_file"] in message and "train the run again" in message
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
-    message = error_of(["--run", runs["flexible"], "--export", "hf", a_file / "out"])
+    message = one_error_line(
+        evaluate, ["--run", runs["flexible"], "--export", "hf", a_file / "out"])
     assert "is a file, not a folder" in message and str(a_file) in message
-    message = error_of(["--run", runs["flexible"], "--export", "hf", "/proc/exported"])
+    message = one_error_line(evaluate, ["--run", runs["flexible"],
+                             "--export", "hf", "/proc/exported"])
     assert "cannot be written" in message and "/proc" in message
-    assert "that is a file" in error_of(["--run", runs["flexible"], "--export", "hf", a_file])
-    assert "formats are hf" in error_of(["--run", runs["flexible"], "--export", "gguf", "x"])
+    assert "that is a file" in one_error_line(
+        evaluate, ["--run", runs["flexible"], "--export", "hf", a_file])
+    assert "formats are hf" in one_error_line(
+        evaluate, ["--run", runs["flexible"], "--export", "gguf", "x"])
     assert a_file.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "no-weights", "unfinished"]
 
@@ -376,14 +373,14 @@ def test_an_existing_export_is_replaced_only_with_overwrite_and_only_when_whole(
     out = tmp_path / "out"
     run_export(runs["flexible"], "hf", out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    message = error_of(["--run", runs["last"], "--export", "hf", out])
+    message = one_error_line(evaluate, ["--run", runs["last"], "--export", "hf", out])
     assert "not empty; pass --overwrite" in message
 
     def broken(folder, info):  # a full disk half-way through the new export
         raise OSError(28, "No space left on device", str(folder / "vocab.json"))
     monkeypatch.setattr(export, "tokenizer_files", broken)
-    assert "the disk is full" in error_of(["--run", runs["last"], "--export", "hf", out,
-                                           "--overwrite"])
+    assert "the disk is full" in one_error_line(evaluate, ["--run", runs["last"], "--export",
+                                                           "hf", out, "--overwrite"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written folder
     monkeypatch.undo()
@@ -392,7 +389,8 @@ def test_an_existing_export_is_replaced_only_with_overwrite_and_only_when_whole(
     assert config["id2label"] == {"0": "not spam", "1": "spam"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     (out / "notes.txt").write_text("mine")
-    message = error_of(["--run", runs["last"], "--export", "hf", out, "--overwrite"])
+    message = one_error_line(evaluate, ["--run", runs["last"],
+                             "--export", "hf", out, "--overwrite"])
     assert "notes.txt" in message and (out / "notes.txt").read_text() == "mine"
 
 
@@ -400,7 +398,8 @@ def test_an_existing_onnx_file_needs_overwrite(runs, tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "m.onnx"
     out.write_bytes(b"old")
-    assert "--overwrite" in error_of(["--run", runs["flexible"], "--export", "onnx", out])
+    assert "--overwrite" in one_error_line(evaluate,
+                                           ["--run", runs["flexible"], "--export", "onnx", out])
     assert out.read_bytes() == b"old"
     run_export(runs["flexible"], "onnx", out, "--overwrite")
     assert out.stat().st_size > 1000

@@ -23,6 +23,7 @@ import finetune
 import gpt
 import shortcuts
 import tables
+from conftest import error_line, one_error_line
 
 
 # --------------------------------------------------------------------------- one run, one folder
@@ -39,7 +40,7 @@ def train(out, tiny_weights, small_raw_path, *extra, capsys=None):
 def error_of(*args, **kw):
     with pytest.raises(SystemExit) as e:
         train(*args, **kw)
-    return str(e.value)
+    return error_line(e)
 
 
 @pytest.fixture
@@ -396,15 +397,6 @@ def quick(tiny_weights, data_path, out, *extra):
             "--max-steps", "1", "--no-initial-eval", *map(str, extra)]
 
 
-def fails(main, args):
-    """The one line main() exits with (SystemExit's message), which must be an error line."""
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    message = str(e.value)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_weights, data_path):
     out = tmp_path_factory.mktemp("runs") / "run"
@@ -435,8 +427,8 @@ def test_weights_with_garbage_bytes_are_refused_naming_tensor_and_file(tiny_weig
     message = str(e.value)
     assert str(folder / "model.safetensors") in message and "NaN or infinite" in message
     assert "h.0." in message or "wte" in message or "wpe" in message  # a tensor's name
-    assert fails(finetune.main, ["--weights", str(folder), "--data", "x", "--max-steps", "1",
-                                 "--output-dir", str(tmp_path / "run")])
+    assert one_error_line(finetune, ["--weights", str(folder), "--data", "x", "--max-steps", "1",
+                                     "--output-dir", str(tmp_path / "run")])
 
 
 def test_one_infinite_value_is_enough(tiny_weights, tmp_path):
@@ -457,23 +449,23 @@ def test_evaluate_refuses_a_run_whose_weights_hold_nan(finished_run, tmp_path):
         (run / f.name).write_bytes(f.read_bytes())
     weights = next(run.glob("*.safetensors"))
     garble(weights)
-    message = fails(evaluate.main, ["--run", str(run), "--text", "hello"])
+    message = one_error_line(evaluate, ["--run", str(run), "--text", "hello"])
     assert str(weights) in message and "NaN or infinite" in message and "tensor " in message
 
 
 @pytest.mark.parametrize("flag, value", [("--weight-decay", "inf"), ("--weight-decay", "nan"),
                                          ("--lr", "1e39")])
 def test_non_finite_settings_are_refused_before_any_work(flag, value, tmp_path):
-    message = fails(finetune.main, ["--weights", "random", "--data", "/nowhere", flag, value,
-                                    "--output-dir", str(tmp_path / "run")])
+    message = one_error_line(finetune, ["--weights", "random", "--data", "/nowhere", flag, value,
+                                        "--output-dir", str(tmp_path / "run")])
     assert flag in message
     assert not (tmp_path / "run").exists()
 
 
 def test_a_diverging_loss_stops_the_run_at_once(tiny_weights, data_path, tmp_path, capsys):
     out = tmp_path / "run"
-    message = fails(finetune.main, quick(tiny_weights, data_path, out, "--lr", "1e20",
-                                         "--eval-freq", "1", "--max-steps", "50"))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, out, "--lr", "1e20",
+                                             "--eval-freq", "1", "--max-steps", "50"))
     assert "loss is nan at step 0" in message and "--lr" in message
     printed = capsys.readouterr().out
     assert "Step 000001" not in printed  # stopped at the first check, not 49 steps later
@@ -502,8 +494,8 @@ def test_non_finite_weights_are_caught_between_printed_losses(tiny_weights, data
         return optimizer
     monkeypatch.setattr(finetune, "build_optimizer", poisoning)
     out = tmp_path / "run"
-    message = fails(finetune.main, quick(tiny_weights, data_path, out, "--eval-freq", "1000",
-                                         "--max-steps", "3"))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, out, "--eval-freq", "1000",
+                                             "--max-steps", "3"))
     assert "the weight trf_blocks.1." in message and "holds NaN or infinite values" in message
     assert "step 2" in message and "--lr" in message
     assert not (out / "run.json").exists()
@@ -569,7 +561,7 @@ def no_network(monkeypatch):
 def test_output_dir_under_a_file(tiny_weights, data_path, tmp_path):
     (tmp_path / "afile.txt").write_text("mine")
     out = tmp_path / "afile.txt" / "sub"
-    message = fails(finetune.main, quick(tiny_weights, data_path, out))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, out))
     assert str(out) in message and "afile.txt is a file, not a folder" in message
     assert "--output-dir" in message
     assert (tmp_path / "afile.txt").read_text() == "mine"
@@ -577,7 +569,7 @@ def test_output_dir_under_a_file(tiny_weights, data_path, tmp_path):
 
 @pytest.mark.parametrize("out", ["/proc/gpt2-runs/run", "/sys/gpt2-run"])
 def test_output_dir_in_proc_or_sys(tiny_weights, data_path, out, capsys):
-    message = fails(finetune.main, quick(tiny_weights, data_path, out))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, out))
     assert out in message and "choose another --output-dir" in message
     assert capsys.readouterr().out == ""  # refused before any work, not even the data read
 
@@ -586,7 +578,7 @@ def test_output_dir_in_proc_or_sys(tiny_weights, data_path, out, capsys):
 def test_output_dir_on_a_read_only_filesystem(tiny_weights, data_path, tmp_path, read_only, sub):
     ro = read_only(tmp_path / "ro")
     out = ro / sub if sub else ro
-    message = fails(finetune.main, quick(tiny_weights, data_path, out))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, out))
     assert str(out) in message and "read-only" in message and "--output-dir" in message
     assert list(ro.iterdir()) == []
 
@@ -596,8 +588,8 @@ def test_a_read_only_cache_is_found_before_downloading(tiny_weights, tmp_path, r
     cache = read_only(tmp_path / "cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     # the data download is due: finetune.py and evaluate.py
-    message = fails(finetune.main, ["--weights", str(tiny_weights), "--max-steps", "1",
-                                    "--output-dir", str(tmp_path / "run")])
+    message = one_error_line(finetune, ["--weights", str(tiny_weights), "--max-steps", "1",
+                                        "--output-dir", str(tmp_path / "run")])
     assert str(cache / "gpt2-classify") in message and "read-only" in message
     assert "XDG_CACHE_HOME" in message
     assert not (tmp_path / "run").exists()
@@ -607,8 +599,8 @@ def test_a_read_only_cache_for_the_weights(data_path, tmp_path, read_only, no_ne
                                            monkeypatch):
     cache = read_only(tmp_path / "cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    message = fails(finetune.main, ["--data", data_path, "--max-steps", "1",
-                                    "--output-dir", str(tmp_path / "run")])
+    message = one_error_line(finetune, ["--data", data_path, "--max-steps", "1",
+                                        "--output-dir", str(tmp_path / "run")])
     assert str(cache / "gpt2-classify" / "weights") in message and "read-only" in message
     assert "XDG_CACHE_HOME" in message and "--weights DIR" in message
     assert not (tmp_path / "run").exists()
@@ -631,7 +623,7 @@ def run_on_the_download(finished_run, tmp_path):
 
 def test_evaluate_with_a_cache_in_proc(run_on_the_download, monkeypatch, no_network):
     monkeypatch.setenv("XDG_CACHE_HOME", "/proc/no-cache-here")
-    message = fails(evaluate.main, ["--run", str(run_on_the_download), "--all-splits"])
+    message = one_error_line(evaluate, ["--run", str(run_on_the_download), "--all-splits"])
     assert "/proc/no-cache-here/gpt2-classify" in message and "XDG_CACHE_HOME" in message
 
 
@@ -639,7 +631,7 @@ def test_evaluate_with_a_read_only_cache(run_on_the_download, tmp_path, read_onl
                                          monkeypatch):
     cache = read_only(tmp_path / "cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    message = fails(evaluate.main, ["--run", str(run_on_the_download), "--all-splits"])
+    message = one_error_line(evaluate, ["--run", str(run_on_the_download), "--all-splits"])
     assert str(cache) in message and "read-only" in message and "XDG_CACHE_HOME" in message
 
 
@@ -694,7 +686,7 @@ def test_a_full_disk_at_the_end_saves_the_run_elsewhere(tiny_weights, data_path,
     (tmp_path / "spare-disk").mkdir()
     out = tmp_path / "run"
     full_disk(out)
-    message = fails(finetune.main, quick(tiny_weights, data_path, out))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, out))
     assert f"could not write {out / 'trained.safetensors'}: the disk is full" in message
     (spare,) = (tmp_path / "spare-disk").glob("gpt2-classify-run-*")
     assert f"the finished run was saved to {spare} instead" in message
@@ -717,7 +709,7 @@ def test_a_full_disk_everywhere_says_so(tiny_weights, data_path, tmp_path, full_
     out = tmp_path / "run"
     full_disk(out)
     full_disk(tmp_path / "spare-disk")
-    message = fails(finetune.main, quick(tiny_weights, data_path, out))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, out))
     assert "nor in the temporary folder" in message and "free some space" in message
     assert f"Kept: {out / 'log.txt'} keeps the log" in message
 
@@ -729,7 +721,7 @@ def test_too_little_space_is_known_before_training(tiny_weights, data_path, tmp_
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     out = tmp_path / "run"
-    message = fails(finetune.main, quick(tiny_weights, data_path, out))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, out))
     assert "--output-dir" in message and "MB are free" in message
     assert "Ep 1" not in capsys.readouterr().out  # no training
     assert not out.exists()
@@ -741,7 +733,7 @@ def test_overwrite_with_bad_input_keeps_the_finished_run(finished_copy, tiny_wei
     args = quick(tiny_weights, data_path, finished_copy, "--overwrite")
     for bad in (["--data", str(tmp_path / "typo")], ["--context-length", "500"],
                 ["--weights", str(tmp_path / "nothing")]):
-        fails(finetune.main, args + bad)  # the later flag wins
+        one_error_line(finetune, args + bad)  # the later flag wins
         assert snapshot(finished_copy) == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -749,8 +741,8 @@ def test_overwrite_with_bad_input_keeps_the_finished_run(finished_copy, tiny_wei
 def test_overwrite_that_fails_in_training_keeps_the_finished_run(finished_copy, tiny_weights,
                                                                  data_path, tmp_path):
     before = snapshot(finished_copy)
-    message = fails(finetune.main, quick(tiny_weights, data_path, finished_copy, "--overwrite",
-                                         "--lr", "1e20"))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, finished_copy, "--overwrite",
+                                             "--lr", "1e20"))
     assert snapshot(finished_copy) == before
     log = tmp_path / "run.unfinished" / "log.txt"
     assert f"the finished run in {finished_copy} is unchanged" in message and str(log) in message
@@ -769,7 +761,8 @@ def test_overwrite_replaces_a_finished_run_once_the_new_one_finished(finished_co
 def test_overwrite_never_deletes_files_it_did_not_write(finished_copy, tiny_weights, data_path):
     (finished_copy / "notes.txt").write_text("my notes")
     before = snapshot(finished_copy)
-    message = fails(finetune.main, quick(tiny_weights, data_path, finished_copy, "--overwrite"))
+    message = one_error_line(finetune, quick(
+        tiny_weights, data_path, finished_copy, "--overwrite"))
     assert "notes.txt" in message and "move them out" in message
     assert snapshot(finished_copy) == before
 
@@ -785,14 +778,14 @@ def test_a_run_that_fails_before_training_leaves_no_folder(bad, tiny_weights, da
     monkeypatch.setattr(files, "download_file", lambda urls, dest, **kw: real(
         urls, dest, **{**kw, "retries": 1, "timeout": 2}))
     args = ["--weights", str(tiny_weights), "--data", data_path, "--max-steps", "1"] + bad
-    fails(finetune.main, args)
+    one_error_line(finetune, args)
     assert not (tmp_path / "runs").exists()  # the default runs/<timestamp>
 
 
 def test_a_run_that_fails_later_keeps_its_log_with_the_error_line(tiny_weights, data_path,
                                                                   tmp_path):
     out = tmp_path / "run"
-    message = fails(finetune.main, quick(tiny_weights, data_path, out, "--lr", "1e20"))
+    message = one_error_line(finetune, quick(tiny_weights, data_path, out, "--lr", "1e20"))
     log = (out / "log.txt").read_text().splitlines()
     assert log[0].startswith("Run folder: ") and log[-1] == message
     assert f"Kept: {out / 'log.txt'} keeps the log; the run is unfinished" in message
@@ -817,7 +810,7 @@ def test_a_swap_cut_short_is_named_by_evaluate(finished_run, tmp_path):
     (tmp_path / "run.unfinished").mkdir()
     for f in finished_run.iterdir():
         (tmp_path / "run.unfinished" / f.name).write_bytes(f.read_bytes())
-    message = fails(evaluate.main, ["--run", str(tmp_path / "run"), "--text", "hi"])
+    message = one_error_line(evaluate, ["--run", str(tmp_path / "run"), "--text", "hi"])
     assert f"rename it to {tmp_path / 'run'}" in message
 
 
@@ -893,13 +886,13 @@ def test_a_missing_or_changed_base_is_refused(tiny_weights, data_path, tmp_path)
     tensors = load_file(base / "model.safetensors")
     tensors["transformer.h.0.ln_1.weight"] += 0.01  # other weights, same shapes
     save_file(tensors, base / "model.safetensors")
-    message = fails(evaluate.main, ["--run", str(out), "--text", "hello"])
+    message = one_error_line(evaluate, ["--run", str(out), "--text", "hello"])
     assert str(base / "model.safetensors") in message and "sha256" in message
     assert "--self-contained" in message
     for f in base.iterdir():
         f.unlink()
     base.rmdir()
-    message = fails(evaluate.main, ["--run", str(out), "--text", "hello"])
+    message = one_error_line(evaluate, ["--run", str(out), "--text", "hello"])
     assert str(base / "model.safetensors") in message and "gone" in message
     assert "--self-contained" in message
 
@@ -926,13 +919,13 @@ def test_a_folder_of_other_files_is_never_written_into(tiny_weights, data_path, 
     # --output-dir given the weights folder by mistake: its model.safetensors must survive
     folder = copy_weights(tiny_weights, tmp_path / "gpt2")
     before = snapshot(folder)
-    message = fails(finetune.main, quick(folder, data_path, folder, "--self-contained"))
+    message = one_error_line(finetune, quick(folder, data_path, folder, "--self-contained"))
     assert "config.json" in message and "choose a new or empty folder" in message
     assert snapshot(folder) == before
 
 
 def test_an_unfinished_run_is_replaced_in_place(tiny_weights, data_path, tmp_path):
     out = tmp_path / "run"
-    fails(finetune.main, quick(tiny_weights, data_path, out, "--lr", "1e20"))  # unfinished
+    one_error_line(finetune, quick(tiny_weights, data_path, out, "--lr", "1e20"))  # unfinished
     finetune.main(quick(tiny_weights, data_path, out))
     assert (out / "run.json").is_file() and "error:" not in (out / "log.txt").read_text()
