@@ -25,7 +25,8 @@ Each predictor is what a user runs:
     transformers  pipeline("text-classification", model=EXPORT, <the card's arguments>)
                   called with top_k=None and batch_size=8; bf16: dtype=torch.bfloat16
     onnxruntime   the .onnx in an InferenceSession (CPU), fed the batches ours makes
-                  (evaluate.text_loader), softmax in torch; fp32 only (the export is fp32)
+                  (evaluate.text_loader: for pertext, texts of similar length batched
+                  together), softmax in torch; fp32 only (the export is fp32)
     server-1c/4c  fixed fp32 only: POST /classify with 8 texts a request, from 1 client and from
                   4 at once (bench/test_serve.py's client), against serve.make_server over the
                   same classifier
@@ -200,11 +201,14 @@ def onnx_runtime(path, info):
 
     def predict(batch_texts):
         out = []
-        for ids, _ in evaluate.text_loader([(0, t) for t in batch_texts], info, tokenizer):
+        loader = evaluate.text_loader([(0, t) for t in batch_texts], info, tokenizer,
+                                      by_length=evaluate.batch_independent(info))
+        for ids, _ in loader:
             logits = session.run(None, {"input_ids": ids.numpy()})[0]
             probs = torch.softmax(torch.from_numpy(logits), dim=-1).tolist()
             out += [dict(zip(names, row)) for row in probs]
-        return out
+        order = loader.sampler if evaluate.batch_independent(info) else range(len(out))
+        return [probs for _, probs in sorted(zip(order, out), key=lambda pair: pair[0])]
     return predict
 
 

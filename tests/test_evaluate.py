@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import data
 import evaluate
 import finetune
 from conftest import OWN_LABELS
@@ -45,6 +46,40 @@ def test_predict_writes_the_probability_columns_in_the_runs_class_order(own_run,
     assert [list(g["probabilities"]) for g in got] == [list(OWN_LABELS)] * len(texts)
     for g, p in zip(got, probs, strict=True):
         assert g["probabilities"] == pytest.approx(p, abs=1e-6)
+
+
+def test_predictions_batch_texts_of_similar_length_and_come_back_in_order(own_run, sms_run):
+    """A run padded per batch and read at the last real token (own files' default) gives each
+    text the logits it has alone, whatever shares its batch: predict_proba batches the texts
+    shortest first, and hands the probabilities back in the texts' order. The chapter's rule
+    (fixed padding, the last position) keeps the texts' order."""
+    classifier, info = evaluate.load_run(own_run["run"], CPU)
+    assert evaluate.batch_independent(info)
+    texts = [" ".join(["good"] * n) + f" day {n}" for n in (6, 1, 9, 2, 5, 1, 3, 2, 4, 1, 2)]
+    batches = []
+    forward = classifier.forward
+
+    def recording(ids):
+        batches.append(ids.clone())
+        return forward(ids)
+    classifier.forward = recording
+    probs = evaluate.predict_proba(texts, classifier, info, CPU)
+    alone = [evaluate.predict_proba([t], classifier, info, CPU)[0] for t in texts]
+    assert [list(p) for p in probs] == [list(OWN_LABELS)] * len(texts)
+    for p, q in zip(probs, alone, strict=True):
+        assert [p[c] for c in OWN_LABELS] == pytest.approx([q[c] for c in OWN_LABELS], abs=1e-5)
+    lengths = [int((b != info["pad_id"]).sum(dim=1).max()) for b in batches[:-len(texts)]]
+    widths = [b.shape[1] for b in batches[:-len(texts)]]
+    assert widths == sorted(widths) and widths == lengths  # each batch as long as its longest
+
+    sms_classifier, sms_info = evaluate.load_run(sms_run, CPU)
+    assert not evaluate.batch_independent(sms_info)  # the last position of a padded text
+    batches.clear()
+    sms_forward = sms_classifier.forward
+    sms_classifier.forward = lambda ids: batches.append(ids.clone()) or sms_forward(ids)
+    evaluate.predict_proba(texts, sms_classifier, sms_info, CPU)
+    first = [row[row != sms_info["pad_id"]].tolist() for row in batches[0]]
+    assert first == [data.get_tokenizer().encode_ordinary(t) for t in texts[:len(first)]]
 
 
 # ------------------------------------------------------------------------------------ the scores
