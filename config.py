@@ -263,6 +263,15 @@ def check_types(cfg):
     return cfg
 
 
+def check_device(cfg, device):
+    """The settings that need CUDA, checked once the run's device is known."""
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
+    if cfg.tf32 and device.type != "cuda":
+        raise ValueError(f"--tf32 is a CUDA setting, and this run is on {device.type}; drop "
+                         "--tf32, or pass --device cuda")
+
+
 def check_config(cfg):
     """Refuse settings that cannot work, with a message that says what to do."""
     check_types(cfg)  # (again: a field may have been set after the TrainConfig was made)

@@ -36,7 +36,7 @@ import gpt
 import longrun
 import shortcuts
 import tables
-from config import (FINAL_TRAIN_ROWS, TrainConfig, check_config, check_types,
+from config import (FINAL_TRAIN_ROWS, TrainConfig, check_config, check_device, check_types,
                     class_weight_values, data_choices, parse_args)
 
 __all__ = ["TrainConfig", "parse_args", "run", "main", "train_classifier_simple"]
@@ -543,14 +543,11 @@ def run(cfg, given=None):
     position, ctx = data_choices(cfg)
     if cfg.check_data:  # the data check's whole report alone: nothing trained, no run folder
         labelled = load_data(cfg)
-        return print(datacheck.full_report(labelled, make_datasets(
-            cfg, labelled.splits, gpt.context_of(cfg.weights), ctx)[0]))
+        datasets = make_datasets(cfg, labelled.splits, gpt.context_of(cfg.weights), ctx)[0]
+        print(datacheck.full_report(labelled, datasets))
+        return None
     device = ddp.device_for_rank(ddp.select_device(cfg.device))  # torchrun: LOCAL_RANK's GPU
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs CUDA; use --precision bf16 instead")
-    if cfg.tf32 and device.type != "cuda":
-        raise ValueError(f"--tf32 is a CUDA setting, and this run is on {device.type}; drop "
-                         "--tf32, or pass --device cuda")
+    check_device(cfg, device)
     if cfg.tf32:  # off by default (full fp32), as PyTorch's own default
         ddp.use_tf32()
     if not ddp.is_main():  # under torchrun rank 0 alone prints and writes the run folder

@@ -31,6 +31,26 @@ def raw_data_path():
     return (Path(given), True) if given else (DEFAULT_RAW_PATH, False)
 
 
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>", or "max <period>"
+
+
+def pytest_xdist_auto_num_workers(config):
+    """How many workers setup.cfg's `-n auto` starts: one per core this process may use (its CPU
+    affinity, and a cgroup's CPU quota where one is set), at most 8, since every worker loads
+    torch and transformers. PYTEST_XDIST_AUTO_NUM_WORKERS, where set, decides instead."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist's own rule reads it
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
+    try:
+        quota, period = CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cores, 8))
+
+
 @pytest.fixture(scope="session")
 def raw_path():
     """The real SMS Spam Collection (never committed). Missing: the tests that need it skip,

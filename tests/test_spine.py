@@ -213,3 +213,25 @@ def test_classify_review_is_the_chapters_function():
     with torch.no_grad():
         expected = info["class_names"][int(model(ids)[:, -1, :].argmax())]
     assert label == expected
+
+
+# ----------------------------------------------------------------------- the suite's own workers
+
+@pytest.mark.parametrize("cores, cpu_max, env, workers", [
+    (2, None, None, 2), (64, None, None, 8), (64, "200000 100000", None, 2),
+    (16, "150000 100000", None, 2), (4, "max 100000", None, 4), (1, None, None, 1),
+    (64, None, "3", None)])
+def test_auto_workers_follow_the_cores_this_process_may_use(monkeypatch, tmp_path, cores,
+                                                            cpu_max, env, workers):
+    import conftest
+    monkeypatch.setattr(conftest.os, "sched_getaffinity", lambda pid: set(range(cores)),
+                        raising=False)
+    path = tmp_path / "cpu.max"
+    if cpu_max:
+        path.write_text(cpu_max + "\n")
+    monkeypatch.setattr(conftest, "CPU_MAX", path)
+    if env:
+        monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", env)
+    else:
+        monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    assert conftest.pytest_xdist_auto_num_workers(None) == workers
