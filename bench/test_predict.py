@@ -20,7 +20,8 @@ two real runs of finetune.py (`--weights random`, one step), one per padding:
 Each predictor is what a user runs:
 
     ours          evaluate.predict_proba over the texts in slices of 256, as write_predictions
-                  (--predict) calls it, in the run's batch size (8); bf16: the same weights
+                  (--predict) calls it, in the run's batch size (8; pertext: each slice's texts
+                  batched shortest first, evaluate.batch_independent); bf16: the same weights
                   under bf16 autocast, as a bf16 run is loaded (evaluate.inference_classifier)
     transformers  pipeline("text-classification", model=EXPORT, <the card's arguments>)
                   called with top_k=None and batch_size=8; bf16: dtype=torch.bfloat16
