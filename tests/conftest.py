@@ -51,6 +51,13 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(cores, 8))
 
 
+def pytest_configure(config):
+    """tests/ holds no benchmarks (bench/ does): pytest-benchmark is off here from the start,
+    rather than turned off by pytest-xdist's workers with a warning on every run."""
+    if hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
+
+
 @pytest.fixture(scope="session")
 def raw_path():
     """The real SMS Spam Collection (never committed). Missing: the tests that need it skip,
