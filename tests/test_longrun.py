@@ -22,7 +22,7 @@ import files
 import finetune
 import longrun
 import reference
-from conftest import one_error_line
+from conftest import one_error_line, write_own_csv
 
 
 # --------------------------------------- killed and resumed runs, the best epoch, early stopping
@@ -91,24 +91,10 @@ def main_out(capsys, args):
 
 
 def write_own_files(folder, seed=0):
-    """train.csv and val.csv: 3 classes, texts of 2 to 12 words (per-batch padding: the own
-    files' default)."""
-    rng = random.Random(seed)
-    words = {"pos": "good great fine love nice", "neg": "bad awful hate poor sad",
-             "neutral": "table chair paper river cloud"}
-    paths = []
-    for name, n in (("train", 120), ("val", 30)):
-        path = folder / f"{name}.csv"
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["text", "label"])
-            for i in range(n):
-                label = list(words)[i % 3]
-                pool = words[label].split() + "the a it was so".split()
-                w.writerow([" ".join(rng.choice(pool) for _ in range(rng.randint(2, 12))),
-                            label])
-        paths.append(path)
-    return paths
+    """train.csv (120 rows) and val.csv (30): conftest.write_own_csv's 3 classes, texts of 2 to
+    12 words (per-batch padding: the own files' default)."""
+    return [write_own_csv(folder / "train.csv", 120, seed),
+            write_own_csv(folder / "val.csv", 30, seed + 1)]
 
 
 def weights_of(run):

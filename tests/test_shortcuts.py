@@ -712,14 +712,15 @@ def test_bf16_computes_in_bf16(tmp_path, tiny_weights, small_raw_path, observed,
 GLIBC = shortcuts.platform.system() == "Linux" and shortcuts.platform.libc_ver()[0] == "glibc"
 
 
-def steps(model, n=3):
-    """n cached bf16 training steps as finetune.py takes them: losses and the final weights."""
+def steps(model, n=3, dtype=torch.bfloat16):
+    """n cached training steps under `dtype` autocast (None: fp32) as finetune.py takes them:
+    losses and the final weights."""
     trunk = shortcuts.TrunkCache(model, pad_id=0)
-    classifier = gpt.Classifier(model, autocast_dtype=torch.bfloat16,
+    classifier = gpt.Classifier(model, autocast_dtype=dtype,
                                 shortcuts=shortcuts.Shortcuts(trunk=trunk))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randint(1, CFG.vocab_size, (4, 12), generator=gen)
+    x = torch.randint(1, model.cfg.vocab_size, (4, 12), generator=gen)
     y = torch.randint(0, 3, (4,), generator=gen)
     losses = []
     for _ in range(n):
@@ -777,31 +778,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # allocation): per precision, its losses and a digest of its final weights.
 STEPS = """
 import hashlib, json, sys
-sys.path.insert(0, sys.argv[1])
-import torch, torch.nn.functional as F
-import gpt, shortcuts
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import torch
+import gpt
+from test_shortcuts import steps
 cfg = gpt.GPTConfig(vocab_size=50, context_length=24, emb_dim=512, n_heads=4, n_layers=2)
 result = {}
 for dtype in sys.argv[2:]:
     torch.manual_seed(0)
     model = gpt.GPTModel(cfg)
     gpt.setup_classifier(model, 3)
-    trunk = shortcuts.TrunkCache(model, pad_id=0)
-    classifier = gpt.Classifier(model, autocast_dtype=getattr(torch, dtype, None),
-                                shortcuts=shortcuts.Shortcuts(trunk=trunk))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randint(1, cfg.vocab_size, (4, 12), generator=gen)
-    y = torch.randint(0, 3, (4,), generator=gen)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(classifier(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, weights = steps(model, dtype=getattr(torch, dtype, None))
     digest = hashlib.sha256()
-    for v in model.state_dict().values():
+    for v in weights.values():
         digest.update(v.detach().float().numpy().tobytes())
     result[dtype] = {"losses": losses, "weights": digest.hexdigest()}
 huge = [line.split()[1] for line in open("/proc/self/smaps_rollup")
