@@ -4,7 +4,8 @@ Each computes what the chapter's code computes, up to float rounding, in less ti
 - `TrunkCache`: the frozen leading part's outputs (embeddings + frozen blocks) computed once per
   example and reused by every step and evaluation; filled ahead in batches (`prefill`).
 - `block_at`: the last block at the classified position only, re-associated so that no key or
-  value is formed (O(T E H) instead of O(T E^2)).
+  value is formed (O(T E H) instead of O(T E^2)); in fp32 on a CPU its products at that one
+  position go through oneDNN's linear, forward and backward (`linear_at`).
 - `FrozenBlock`: a frozen block's weights prepared once per run (Q/K/V in one product, cast once,
   oneDNN's linear with the GELU and residual adds fused on a CPU), for the cache's fill and for
   inference (`run_prepared`).
@@ -94,6 +95,61 @@ def _weight_bias(linear):
     return linear.weight, linear.bias
 
 
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear(x, w, b) for 2-D fp32 CPU tensors with its three products through oneDNN's linear
+    (`onednn_linear`): y = x W^T + b forward; dx = dy W and dW = dy^T x backward, each read
+    through a transposed view (no copy; oneDNN takes the strides as they are). The same
+    products F.linear and its backward compute (MKL's on this torch), rounded differently."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, op):
+        ctx.save_for_backward(x, w)
+        ctx.op, ctx.has_bias = op, b is not None
+        return op(x, w, b, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        op, grad = ctx.op, grad.contiguous()
+        dx = op(grad, w.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
+        dw = op(grad.t(), x.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
+        db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+def _onednn_for(x, onednn=True):
+    """oneDNN's fp32 linear where `linear_at` takes it for `x`: a 2-D fp32 tensor on a CPU, no
+    autocast at work, and an op that works in this torch on this CPU; else None."""
+    if not onednn or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or \
+            torch.is_autocast_enabled("cpu"):
+        return None
+    return onednn_linear(torch.float32)
+
+
+def linear_at(x, w, b=None, onednn=True):
+    """F.linear(x, w, b) for the few rows of one position per example (B, in) -> (B, out), in
+    fp32 on a CPU through oneDNN's linear, forward and backward (`_OneDNNLinear`). Why: at 8
+    rows a product only streams its weight once, yet MKL (F.linear's route for fp32 on a CPU)
+    reads GPT-2 small's 9.4 MB feed-forward matrix at 16 GB/s where a copy moves 80; oneDNN's
+    linear does the forward 1.4x and the backward's dy W 2.5x quicker (1.7x and 2.9x from cold
+    caches; 2 cores of an AMD EPYC Zen 4), and a cached fp32 training step 1.21x quicker
+    (bench/test_levers.py, docs/speed.md). Elsewhere (bf16 or fp16 autocast, which casts the
+    weights; CUDA, MPS; no working op) it is F.linear."""
+    op = _onednn_for(x, onednn)
+    if op is None or w.dtype != torch.float32:
+        return F.linear(x, w, b)
+    return _OneDNNLinear.apply(x.contiguous(), w, b, op)
+
+
+def _module_at(linear, x, onednn=True):
+    """linear(x) for the trainable block's nn.Linear or LoRALinear at one position: an
+    nn.Linear through `linear_at`; a LoRALinear as it is written (at 8 rows its low-rank
+    update costs less than forming its effective weight)."""
+    if isinstance(linear, torch.nn.Linear):
+        return linear_at(x, linear.weight, linear.bias, onednn)
+    return linear(x)
+
+
 def _normalised(norm, x):
     """A LayerNorm's input normalised, before its scale and shift: (x - mean) / sqrt(var + eps)."""
     if norm.plain:
@@ -102,7 +158,7 @@ def _normalised(norm, x):
     return F.layer_norm(x, x.shape[-1:], eps=norm.eps)
 
 
-def block_at(block, x, pos):
+def block_at(block, x, pos, onednn=True):
     """A TransformerBlock's output at one position per row, (B, E), from its input (B, T, E).
 
     The same function as `block(x)[rows, pos]`, re-associated so that no key or value is formed:
@@ -113,8 +169,9 @@ def block_at(block, x, pos):
         context_h   = ((sum_t p_h(t) xhat_t) * g + b) W_v^h^T + b_v^h   (the p_h(t) sum to 1).
     That costs O(T E H) per example instead of the O(T E^2) of keys and values at every
     position; autograd gives every gradient through these products. LoRA-wrapped projections
-    enter with their effective weights. With dropout active (training, drop_rate > 0) the block
-    runs as written.
+    enter with their effective weights. The products at the one position go through
+    `linear_at` (oneDNN's linear in fp32 on a CPU; `onednn=False`: F.linear, the benchmarks'
+    before). With dropout active (training, drop_rate > 0) the block runs as written.
     """
     att = block.att
     if block.training and (att.dropout.p > 0 or block.drop_shortcut.p > 0):
@@ -127,7 +184,8 @@ def block_at(block, x, pos):
     w_k, b_k = _weight_bias(att.W_key)
     w_v, b_v = _weight_bias(att.W_value)
     xhat = _normalised(block.norm1, x)  # (B, T, E)
-    query = F.linear(xhat[rows, pos] * g + b, w_q, b_q).view(bsz, heads, hs)  # (B, nh, hs)
+    query = linear_at(xhat[rows, pos] * g + b, w_q, b_q, onednn)
+    query = query.view(bsz, heads, hs)  # (B, nh, hs)
     u = torch.einsum("bhd,hde->bhe", query, w_k.view(heads, hs, emb)) * (g / hs**0.5)
     scores = torch.einsum("bhe,bte->bht", u, xhat)  # (B, nh, T)
     # The terms constant in t (the keys' share of the shift b and the key bias) change no
@@ -143,8 +201,9 @@ def block_at(block, x, pos):
     context = torch.einsum("bhe,hde->bhd", mixed, w_v.view(heads, hs, emb))  # (B, nh, hs)
     if b_v is not None:
         context = context + b_v.view(heads, hs)
-    h = att.out_proj(context.reshape(bsz, emb)) + x[rows, pos]  # (B, E)
-    return h + block.ff(block.norm2(h))
+    h = _module_at(att.out_proj, context.reshape(bsz, emb), onednn) + x[rows, pos]  # (B, E)
+    fc, gelu, proj = block.ff.layers
+    return h + _module_at(proj, gelu(_module_at(fc, block.norm2(h), onednn)), onednn)
 
 
 # glibc's mallopt parameters, and the largest mmap threshold it accepts on a 64-bit machine

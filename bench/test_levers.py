@@ -19,6 +19,9 @@ to quote. The pieces, GPT-2 small with random weights, batches of 8 x 120 tokens
     tail        a training step on a cached trunk: the last block at the classified position
                 with keys and values at every position (before) vs re-associated
                 (`shortcuts.block_at`, after); fp32 and bf16
+    tail-onednn a cached fp32 training step: the last block's products at the classified
+                position through F.linear (MKL on a CPU) vs oneDNN's linear, forward and
+                backward (`shortcuts.linear_at`)
     attention   a bf16 training step with every layer trainable: PyTorch's CPU flash attention
                 kernel vs its math backend (`shortcuts.attention_backend`: on a CPU without AMX)
     malloc      a cached training step (fp32, bf16, as finetune.py takes it): glibc's default
@@ -218,6 +221,39 @@ def test_tail_reassociated(benchmark, lever_table, gpt_small, token_data, sizes,
     record(benchmark, lever_table, "step: last block re-associated (cached trunk)", precision,
            sizes, step(lambda h: block(h, query_pos=pos)[:, 0]),
            step(lambda h: shortcuts.block_at(block, h, pos)), rounds_of(sizes, pytestconfig))
+
+
+def test_tail_onednn(benchmark, lever_table, gpt_small, token_data, sizes, pytestconfig):
+    """A cached fp32 training step as finetune.py takes it (trunk cache, `shortcuts.block_at`,
+    fused AdamW, freed memory kept), the last block's products at the classified position
+    through F.linear (MKL) vs through oneDNN's linear, forward and backward
+    (`shortcuts.linear_at`)."""
+    if shortcuts.onednn_linear(torch.float32) is None:
+        pytest.skip("no working oneDNN linear for fp32 in this torch on this CPU")
+    shortcuts.keep_freed_memory()  # as finetune.py's step runs
+    model = copy.deepcopy(gpt_small).train()
+    trunk = shortcuts.TrunkCache(model)
+    x = ids_of(token_data, sizes.batch, sizes)
+    y = token_data["train"][1][:sizes.batch]
+    with torch.no_grad():
+        trunk(x)  # filled: the steps read the cache
+    block = model.trf_blocks[-1]
+    pos = gpt.token_positions(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+    n = 1 if sizes.tiny else 5
+
+    def steps(onednn):
+        def go():
+            for _ in range(n):
+                opt.zero_grad(set_to_none=True)
+                last = shortcuts.block_at(block, trunk(x), pos, onednn=onednn)
+                F.cross_entropy(model.out_head(model.final_norm(last)), y).backward()
+                opt.step()
+        return go
+
+    record(benchmark, lever_table, "step: the last block's products through oneDNN (cached "
+           "trunk)", "fp32", sizes, steps(False), steps(True), rounds_of(sizes, pytestconfig),
+           per=n)
 
 
 def test_math_attention_training(benchmark, lever_table, gpt_small, token_data, sizes,

@@ -160,6 +160,109 @@ def test_block_at_with_dropout_in_training_runs_the_block_as_written():
     assert torch.equal(got, block(x, query_pos=pos)[:, 0])
 
 
+# ----------------------------------------------------------------------------- linear_at
+
+def needs_onednn():
+    if shortcuts.onednn_linear(torch.float32) is None:
+        pytest.skip("this build of torch has no working mkldnn::_linear_pointwise for fp32 on "
+                    "this CPU: linear_at is F.linear here")
+
+
+def counting_onednn(monkeypatch):
+    """Have the fp32 oneDNN linear count its calls into the returned list."""
+    op, calls = shortcuts.onednn_linear(torch.float32), []
+
+    def counted(*args):
+        calls.append(args[3])
+        return op(*args)
+    monkeypatch.setitem(shortcuts._ONEDNN, torch.float32, counted)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("upstream", ["dense", "expanded"])
+def test_linear_at_gives_f_linears_output_and_gradients(bias, upstream, monkeypatch):
+    """Forward and the three gradients through oneDNN, against F.linear in float64; the
+    upstream gradient dense or a stride-0 expansion (what a sum's backward hands down)."""
+    needs_onednn()
+    calls = counting_onednn(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 48, generator=gen, requires_grad=True)
+    w = torch.randn(80, 48, generator=gen, requires_grad=True)
+    b = torch.randn(80, generator=gen, requires_grad=True) if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    dy = torch.randn(8, 80, generator=gen) if upstream == "dense" else \
+        torch.tensor(0.7).expand(8, 80)
+    got = shortcuts.linear_at(x, w, b)
+    assert got.grad_fn.name() == "_OneDNNLinearBackward" and calls == ["none"]
+    got_grads = torch.autograd.grad(got, leaves, dy)
+    assert len(calls) == 3  # dy W and dy^T x through oneDNN too
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    expected = F.linear(*wide, None) if not bias else F.linear(*wide)
+    expected_grads = torch.autograd.grad(expected, wide, dy.double())
+    assert_close(got.double(), expected, **F32)
+    for g, e in zip(got_grads, expected_grads):
+        assert g.dtype == torch.float32 and g.shape == e.shape
+        assert_close(g.double(), e, **F32)
+
+
+def test_linear_at_forms_only_the_gradients_asked_for(monkeypatch):
+    needs_onednn()
+    calls = counting_onednn(monkeypatch)
+    x = torch.randn(4, 16, requires_grad=True)
+    w, b = torch.randn(24, 16), torch.randn(24)  # frozen
+    (dx,) = torch.autograd.grad(shortcuts.linear_at(x, w, b).sum(), [x])
+    assert len(calls) == 2  # the forward and dy W; no weight gradient formed
+    assert_close(dx, torch.ones(4, 24) @ w, **F32)
+
+
+def test_linear_at_is_f_linear_wherever_onednn_does_not_apply(monkeypatch):
+    """bf16 autocast (it casts the weights), other dtypes, other devices, onednn=False, and a
+    torch or CPU without a working op: exactly F.linear."""
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 8, generator=gen), torch.randn(5, 8, generator=gen), \
+        torch.randn(5, generator=gen)
+    cases = [(x.double(), w.double(), b.double(), {}, nullcontext()),
+             (x, w, b, dict(onednn=False), nullcontext()),
+             (x, w, b, {}, torch.autocast("cpu", dtype=torch.bfloat16)),
+             (x.to("meta"), w.to("meta"), b.to("meta"), {}, nullcontext())]
+    for xi, wi, bi, kw, ctx in cases:
+        with ctx:
+            got, expected = shortcuts.linear_at(xi, wi, bi, **kw), F.linear(xi, wi, bi)
+        assert got.dtype == expected.dtype and got.device == expected.device
+        if got.device.type != "meta":
+            assert torch.equal(got, expected)
+    monkeypatch.setitem(shortcuts._ONEDNN, torch.float32, None)  # no working op here
+    xg = x.clone().requires_grad_()
+    got = shortcuts.linear_at(xg, w, b)
+    assert got.grad_fn.name() == "AddmmBackward0" and torch.equal(got, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("trainable", ["last_block", "last_two_blocks", "lora"])
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["qkv-bias", "no-qkv-bias"])
+def test_block_at_through_onednn_gives_the_models_logits_and_gradients(trainable, qkv_bias,
+                                                                       monkeypatch):
+    """fp32 on a CPU, the tail's products through oneDNN (counted), against the whole model in
+    float64: the logits and every trainable parameter's gradient, with the trunk cache."""
+    needs_onednn()
+    model = noisy_model(replace(CFG, qkv_bias=qkv_bias), trainable)  # float64
+    x = padded([12, 7, 1, 10], 12)
+    weights = torch.randn(len(x), 3, dtype=torch.float64)
+    expected, expected_grads = grads_of(model, lambda m, ids: m(ids)[:, -1], x, weights)
+    model32 = copy.deepcopy(model).float()
+    calls = counting_onednn(monkeypatch)
+    trunk = shortcuts.TrunkCache(model32, pad_id=PAD, prepare=False)
+    got, got_grads = grads_of(
+        model32, lambda m, ids: shortcuts.classify_logits(m, ids, pad_id=PAD, tail=True,
+                                                          trunk=trunk), x, weights.float())
+    # query, out_proj and the feed-forward's two forward, then dx and dW of each; under LoRA
+    # only the query's effective weight (the wrapped layers run as written)
+    assert len(calls) == (3 if trainable == "lora" else 12)
+    assert_close(got.double(), expected, **F32)
+    for name, g in expected_grads.items():
+        assert_close(got_grads[name].double(), g, msg=name, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- TrunkCache
 
 def test_the_cache_keys_a_text_without_its_trailing_padding():
