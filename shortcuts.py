@@ -23,6 +23,7 @@ gpt.Classifier takes a `Shortcuts` at its one seam; this module imports gpt.py, 
 
 import ctypes
 import ctypes.util
+import itertools
 import os
 import platform
 import weakref
@@ -432,17 +433,20 @@ class TrunkCache:
 
     @property
     def causal(self):
-        return all(block.att.causal for block in self.model.trf_blocks[:self.n_blocks])
+        # (not a slice of the ModuleList: that builds a new module, 30 us a call)
+        return all(block.att.causal
+                   for block in itertools.islice(self.model.trf_blocks, self.n_blocks))
 
     @property
     def partial(self):
         """Whether some example went unstored for want of room."""
         return bool(self.uncached)
 
-    def key(self, row):
-        """The store's key of one row of token ids (a numpy array)."""
-        if self.causal:  # drop the trailing padding: a shorter padding is a prefix of a longer
-            real = (row != self.pad_id).nonzero()[0]
+    def key(self, row, causal=None):
+        """The store's key of one row of token ids (a numpy array); `causal`: self.causal, where
+        the caller has it already (a step keys a whole batch)."""
+        if self.causal if causal is None else causal:  # drop the trailing padding: a shorter
+            real = (row != self.pad_id).nonzero()[0]  # padding is a prefix of a longer one
             row = row[:real[-1] + 1] if len(real) else row[:0]
         return row.tobytes()
 
@@ -482,7 +486,7 @@ class TrunkCache:
         pending = {}
         for row in rows:
             row = torch.as_tensor(row)
-            key = self.key(row.cpu().numpy())
+            key = self.key(row.cpu().numpy(), True)
             if key not in self.store and key not in pending:
                 pending[key] = row
         if not pending:
@@ -530,13 +534,14 @@ class TrunkCache:
         host = self.host_ids
         if host is None or host.device.type != "cpu" or host.shape != in_idx.shape:
             host = in_idx.cpu()  # (evaluations: they wait for the device's numbers anyway)
-        keys = [self.key(row) for row in host.numpy()]
+        causal = self.causal
+        keys = [self.key(row, causal) for row in host.numpy()]
         rows, missing = [None] * len(keys), []
         for i, k in enumerate(keys):
             hit = self.store.get(k)
             if hit is not None and len(hit) >= num_tokens:
                 rows[i] = hit[:num_tokens]
-            elif hit is not None and self.extend and self.causal:  # never read past its end
+            elif hit is not None and self.extend and causal:  # never read past its end
                 rows[i] = F.pad(hit, (0, 0, 0, num_tokens - len(hit)))
             else:
                 missing.append(i)
