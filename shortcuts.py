@@ -187,13 +187,14 @@ def block_at(block, x, pos, onednn=True):
     xhat = _normalised(block.norm1, x)  # (B, T, E)
     query = linear_at(xhat[rows, pos] * g + b, w_q, b_q, onednn)
     query = query.view(bsz, heads, hs)  # (B, nh, hs)
-    u = torch.einsum("bhd,hde->bhe", query, w_k.view(heads, hs, emb)) * (g / hs**0.5)
-    scores = torch.einsum("bhe,bte->bht", u, xhat)  # (B, nh, T)
+    u = torch.einsum("bhd,hde->bhe", query, w_k.view(heads, hs, emb))  # W_k^h^T q_h: (B, nh, E)
+    scores = torch.einsum("bhe,bte->bht", u * (g / hs**0.5), xhat)  # (B, nh, T)
     # The terms constant in t (the keys' share of the shift b and the key bias) change no
     # weight, but they are kept so that every parameter gets the gradient the block gives it
-    # (for b_k a float-rounding zero, which AdamW then treats as the chapter's code does).
-    shift = F.linear(b, w_k, b_k).view(heads, hs)  # (nh, hs)
-    scores = scores + (query * shift).sum(-1, keepdim=True) / hs**0.5
+    # (for b_k a float-rounding zero, which AdamW then treats as the chapter's code does):
+    # q_h . (W_k^h b + b_k^h) = (W_k^h^T q_h) . b + q_h . b_k^h, from u (no second pass over W_k)
+    constant = u @ b if b_k is None else u @ b + (query * b_k.view(heads, hs)).sum(-1)
+    scores = scores + constant.unsqueeze(-1) / hs**0.5
     if att.causal:  # position p sees keys 0..p
         cols = torch.arange(num_tokens, device=x.device)
         scores = scores.masked_fill((cols[None, :] > pos[:, None])[:, None, :], -torch.inf)
