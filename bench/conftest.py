@@ -87,7 +87,8 @@ def pytest_addoption(parser):
                     "projected epoch takes 30 s or less")
     group.addoption("--bench-rounds", type=int, metavar="N",
                     help="timed rounds per benchmark, after the warm-up (default on CPU: 3, 1 for "
-                    "all-layers rows and epochs; on a GPU: 20, 2 for epochs)")
+                    "all-layers rows and epochs, and for a piece of milliseconds as many as fill "
+                    "1 s, up to 50; on a GPU: 20, 2 for epochs)")
     group.addoption("--bench-summary", metavar="PATH",
                     help="write the summary table as Markdown here (default: bench-summary.md in "
                     "the current directory; in the smoke pass nothing unless given)")

@@ -94,7 +94,8 @@ def sync(device):
 
 def rounds(config, device, kind="step", trainable="last_block"):
     """(warm-up rounds, timed rounds). On CPU few: a step takes seconds there, an all-layers
-    step several times more, and an epoch minutes. --bench-rounds sets the timed rounds."""
+    step several times more, and an epoch minutes (a quick piece gets more: `measure`'s
+    stretch). --bench-rounds sets the timed rounds."""
     cpu = device.type == "cpu"
     if kind == "epoch":  # its warm-up round is cut to 3 steps (see test_epoch)
         default, warmup = (1 if cpu else 2), 1
@@ -104,8 +105,18 @@ def rounds(config, device, kind="step", trainable="last_block"):
     return warmup, default if n is None else n
 
 
-ROUNDS_RULE = ("CPU: 3 timed rounds after 1 warm-up, 1 for all-layers rows and epochs; GPU: 20 "
-               "after 3, epochs 2 after 1; or --bench-rounds")
+ROUNDS_RULE = ("CPU: 3 timed rounds after 1 warm-up, 1 for all-layers rows and epochs, and a "
+               "piece of milliseconds (a cached step, an evaluation batch) as many as fill 1 s, "
+               "up to 50; GPU: 20 after 3, epochs 2 after 1; or --bench-rounds")
+# On a CPU a quick piece is timed over more rounds: the median of 3 rounds of a 17 ms step moved
+# by a quarter between runs on a 2-core machine, the whole phase's steps with it.
+QUICK_TIMED_S, QUICK_MAX_ROUNDS = 1.0, 50
+
+
+def stretched(config, device):
+    """Whether `measure` may time more rounds than `rounds` says for a quick piece: on a CPU,
+    unless --bench-rounds fixes them."""
+    return device.type == "cpu" and config.getoption("bench_rounds") is None
 
 
 @pytest.fixture(scope="session")
@@ -343,14 +354,23 @@ def timed(benchmark, target, setup, warmup, n, group):
     return time.perf_counter() - start
 
 
-def measure(benchmark, target, pool, warmup, n, group):
-    """`timed` over `target(x, y)`, one pool batch per round in turn."""
+def measure(benchmark, target, pool, warmup, n, group, stretch=False):
+    """`timed` over `target(x, y)`, one pool batch per round in turn. With `stretch` (see
+    `stretched`), one more untimed call first says how long a round takes, and a quick piece
+    gets as many rounds as fill QUICK_TIMED_S, up to QUICK_MAX_ROUNDS (never fewer than `n`).
+    Returns the median seconds and the rounds timed."""
     turn = iter(range(10**9))
 
     def setup():
         return pool[next(turn) % len(pool)], {}
 
-    return timed(benchmark, target, setup, warmup, n, group)
+    if stretch and benchmark.enabled:
+        args, _ = setup()
+        start = time.perf_counter()
+        target(*args)
+        once = time.perf_counter() - start
+        n = max(n, min(QUICK_MAX_ROUNDS, int(QUICK_TIMED_S / max(once, 1e-9))))
+    return timed(benchmark, target, setup, warmup, n, group), n
 
 
 def report(benchmark, results, row, setup, kind, seconds, flops, examples, token_data, sizes):
@@ -387,7 +407,8 @@ def test_eval_batch(benchmark, case, setup_row, token_data, sizes, results, pyte
         for x, y in pool:
             s.eval_batch(x, y)
     warmup, n = rounds(pytestconfig, s.device, "eval", s.trainable)
-    seconds = measure(benchmark, s.eval_batch, pool, warmup, n, f"eval batch, {s.device.type}")
+    seconds, _ = measure(benchmark, s.eval_batch, pool, warmup, n, f"eval batch, {s.device.type}",
+                         stretched(pytestconfig, s.device))
     report(benchmark, results, row, s, "eval", seconds, s.flops("eval", sizes.batch, sizes.tokens),
            sizes.batch, token_data, sizes)
 
@@ -412,7 +433,8 @@ def test_trunk_fill(benchmark, case, setup_row, token_data, sizes, results, pyte
         return out
 
     warmup, n = rounds(pytestconfig, s.device, "fill", s.trainable)
-    seconds = measure(benchmark, fill, pool, warmup, n, f"trunk fill, {s.device.type}")
+    seconds, _ = measure(benchmark, fill, pool, warmup, n, f"trunk fill, {s.device.type}",
+                         stretched(pytestconfig, s.device))
     trunk, x = filled[-1]  # a text can occur twice in the data: one entry per distinct example
     assert len(trunk.store) == len(torch.unique(x, dim=0)), "the fill missed examples"
     report(benchmark, results, row, s, "fill", seconds,
@@ -437,7 +459,8 @@ def test_train_step(benchmark, case, setup_row, token_data, sizes, results, pyte
     def step(x, y):
         losses.append(s.train_step(x, y))
 
-    seconds = measure(benchmark, step, pool, warmup, n, f"train step, {s.device.type}")
+    seconds, n = measure(benchmark, step, pool, warmup, n, f"train step, {s.device.type}",
+                         stretched(pytestconfig, s.device))
     assert torch.isfinite(losses[-1]).item()
     row.split = step_split(s, pool, max(n, 3))
     benchmark.extra_info["step_split_ms"] = row.split
