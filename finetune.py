@@ -695,3 +695,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    ddp.leave()  # under torchrun: a finished run ends here (see ddp.leave)

@@ -158,6 +158,43 @@ def test_a_batch_that_does_not_split_evenly_is_refused_once(tmp_path, tiny_weigh
     assert not (tmp_path / "run").exists()
 
 
+def test_a_finished_torchrun_process_leaves_at_once_after_flushing(monkeypatch):
+    """ddp.leave: under torchrun the output is flushed, then the process ends with status 0
+    without the interpreter's shutdown (where torch's gloo worker threads can abort it); without
+    torchrun it does nothing. (The torchrun runs above check that no output is lost.)"""
+    calls = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def flush(self):
+            calls.append(("flush", self.name))
+
+    monkeypatch.setattr(sys, "stdout", Stream("stdout"))
+    monkeypatch.setattr(sys, "stderr", Stream("stderr"))
+    monkeypatch.setattr(os, "_exit", lambda code: calls.append(("exit", code)))
+    for size in (None, "1"):
+        if size is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", size)
+        ddp.leave()
+        assert calls == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ddp.leave()
+    assert calls == [("flush", "stdout"), ("flush", "stderr"), ("exit", 0)]
+
+
+def test_finetune_run_as_a_script_leaves_through_ddp_after_main():
+    """The script's entry point: main(), then ddp.leave() (reached only when main returns: an
+    error exits through sys.exit first)."""
+    source = (Path(finetune.__file__)).read_text(encoding="utf-8")
+    entry = source[source.index('if __name__ == "__main__":'):]
+    assert [line.strip().split("  #")[0] for line in entry.splitlines()[1:3]] == \
+        ["main()", "ddp.leave()"]
+
+
 def test_processes_on_one_machine_share_the_trunk_caches_default_memory(monkeypatch):
     """Each CPU process's frozen-trunk cache gets its part of the default quarter of the RAM;
     a GPU's processes have a GPU each, and --trunk-cache-gb stays per process."""
