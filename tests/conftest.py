@@ -7,6 +7,7 @@ Hugging Face model has 2 layers of width 32.
 import http.server
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -16,6 +17,13 @@ from pathlib import Path
 # on all cores (pytest-xdist), and on 2 cores a process with 2 threads beside another worker has
 # its threads wait for each other. The models here are tiny, so one thread loses nothing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Ctrl-C in every process the tests start, however the suite was launched: a shell without job
+# control starts a command put in the background (`&`) with SIGINT ignored, every child inherits
+# that, and a Python started so never raises KeyboardInterrupt (the serving tests' Ctrl-C then
+# waits in vain). A handled signal is reset to its default in each child, which then has Ctrl-C.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402 (after the variable, which torch reads when it loads)
 import torch  # noqa: E402
