@@ -78,9 +78,14 @@ def init():
     backend (NCCL alone on a GPU machine), and the first sum of CPU numbers fails. Torchrun's
     environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) says where the others are.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if not launched() or dist.is_initialized():
         return
     dist.init_process_group(backend=backend(), timeout=TIMEOUT)
+
+
+def launched():
+    """Whether torchrun started this process with others (WORLD_SIZE above 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def backend():
@@ -110,7 +115,7 @@ def leave():
     `ProcessGroupGloo::runLoop` freeing an `AsyncAllreduceWork` during `Py_FinalizeEx`. The
     process group is gone by then (`close`), so nothing is left that the shutdown would do
     for the run."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched():
         return
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

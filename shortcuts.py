@@ -118,15 +118,6 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db, None
 
 
-def _onednn_for(x, onednn=True):
-    """oneDNN's fp32 linear where `linear_at` takes it for `x`: a 2-D fp32 tensor on a CPU, no
-    autocast at work, and an op that works in this torch on this CPU; else None."""
-    if not onednn or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or \
-            torch.is_autocast_enabled("cpu"):
-        return None
-    return onednn_linear(torch.float32)
-
-
 def linear_at(x, w, b=None, onednn=True):
     """F.linear(x, w, b) for the few rows of one position per example (B, in) -> (B, out), in
     fp32 on a CPU through oneDNN's linear, forward and backward (`_OneDNNLinear`). Why: at 8
@@ -136,8 +127,10 @@ def linear_at(x, w, b=None, onednn=True):
     caches; 2 cores of an AMD EPYC Zen 4), and a cached fp32 training step 1.21x quicker
     (bench/test_levers.py, docs/speed.md). Elsewhere (bf16 or fp16 autocast, which casts the
     weights; CUDA, MPS; no working op) it is F.linear."""
-    op = _onednn_for(x, onednn)
-    if op is None or w.dtype != torch.float32:
+    op = onednn_linear(torch.float32) if onednn else None
+    if op is None or x.device.type != "cpu" or x.dim() != 2 or \
+            x.dtype != torch.float32 or w.dtype != torch.float32 or \
+            torch.is_autocast_enabled("cpu"):
         return F.linear(x, w, b)
     return _OneDNNLinear.apply(x.contiguous(), w, b, op)
 

@@ -193,20 +193,25 @@ def test_fill_batch_size(benchmark, lever_table, gpt_small, token_data, sizes, p
            min(3, rounds_of(sizes)), per=big)
 
 
+def cached_tail(gpt_small, token_data, sizes):
+    """A training copy of the model, an empty trunk cache over it, one batch (ids, labels) and
+    the chapter's AdamW (fused): the set-up of the cached-step levers."""
+    model = copy.deepcopy(gpt_small).train()
+    x = ids_of(token_data, sizes.batch, sizes)
+    y = token_data["train"][1][:sizes.batch]
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+    return model, shortcuts.TrunkCache(model), x, y, opt
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_tail_reassociated(benchmark, lever_table, gpt_small, token_data, sizes, precision,
                            pytestconfig):
     """A training step on a cached trunk (last block, final norm, head; AdamW), the last block
     at the classified position with keys and values at every position vs `shortcuts.block_at`."""
-    model = copy.deepcopy(gpt_small).train()
-    trunk = shortcuts.TrunkCache(model)
-    x = ids_of(token_data, sizes.batch, sizes)
-    y = token_data["train"][1][:sizes.batch]
+    model, trunk, x, y, opt = cached_tail(gpt_small, token_data, sizes)
     with torch.no_grad():
         h = trunk(x)
-    block = model.trf_blocks[-1]
-    pos = gpt.token_positions(x)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+    block, pos = model.trf_blocks[-1], gpt.token_positions(x)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def step(last):
@@ -231,15 +236,10 @@ def test_tail_onednn(benchmark, lever_table, gpt_small, token_data, sizes, pytes
     if shortcuts.onednn_linear(torch.float32) is None:
         pytest.skip("no working oneDNN linear for fp32 in this torch on this CPU")
     shortcuts.keep_freed_memory()  # as finetune.py's step runs
-    model = copy.deepcopy(gpt_small).train()
-    trunk = shortcuts.TrunkCache(model)
-    x = ids_of(token_data, sizes.batch, sizes)
-    y = token_data["train"][1][:sizes.batch]
+    model, trunk, x, y, opt = cached_tail(gpt_small, token_data, sizes)
     with torch.no_grad():
         trunk(x)  # filled: the steps read the cache
-    block = model.trf_blocks[-1]
-    pos = gpt.token_positions(x)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+    block, pos = model.trf_blocks[-1], gpt.token_positions(x)
     n = 1 if sizes.tiny else 5
 
     def steps(onednn):
